@@ -1,0 +1,1 @@
+"""Fused Triton kernels for MetaRM (installed as metarm_fast.kernels)."""

@@ -1,0 +1,34 @@
+"""metarm-fast: a MetaRM reward-model trainer with fused Triton kernels.
+
+`kernels/` sits at the top level of the repository (the design card) but is installed as
+`metarm_fast.kernels`: a top-level module called `kernels` would shadow Hugging Face's own
+`kernels` package, which transformers imports.
+"""
+from setuptools import setup
+
+setup(
+    name="metarm-fast",
+    version="0.1.0",
+    description="Fast, trustworthy MetaRM reward-model training (Dou et al., AAAI 2025)",
+    python_requires=">=3.10",
+    packages=["metarm_fast", "metarm_fast.data", "metarm_fast.kernels"],
+    package_dir={"metarm_fast": "metarm_fast", "metarm_fast.kernels": "kernels"},
+    # torch is a range on purpose: an installed (GPU) torch that satisfies it is left alone.
+    # On a machine with none, `make` installs the CPU build first (see Makefile).
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.1",
+        "transformers>=5.0",
+        "datasets>=3.0",
+        "bitsandbytes>=0.50",  # <= 0.49 fails on the CPU
+        "tqdm",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={
+        "flash": ["flash-attn>=2.6"],
+        "test": ["pytest"],
+        "bench": ["trl>=1.0"],
+    },
+    entry_points={"console_scripts": ["metarm-fast=metarm_fast.cli:main"]},
+)

@@ -1,0 +1,14 @@
+"""Test-wide settings. Runs before any test module imports the kernels."""
+import os
+
+# No test may reach a hub: everything is built or written locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+# Triton's interpreter must be switched on before any @triton.jit function is defined, or the
+# kernels fail with "0 active drivers" on a machine without a GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
