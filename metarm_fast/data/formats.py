@@ -1,0 +1,466 @@
+"""Record formats: detecting a format from a record's fields, and turning records into pairs or groups.
+
+Every check raises a DataError (``records.bad_record``) naming the record's location and the field,
+with a short ``reason`` that a skipping load counts. Each format is a small class with
+``convert(record, loc) -> list`` (one record in, zero or more items out) and ``finish(bad) -> list``
+for formats that need the whole source first (oasst builds message trees).
+
+Formats
+-------
+explicit   {"prompt", "chosen", "rejected", "margin"?}. Strings, or TRL-style chat message lists:
+           a prompt list with chosen/rejected each the assistant message(s); or no prompt and
+           chosen/rejected whole conversations whose common prefix is the prompt (conversations
+           that begin by repeating the given prompt are recognised too).
+hh-rlhf    {"chosen", "rejected"}: whole "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts. The prompt is
+           everything up to and including the last "\\n\\nAssistant:", which both must share; the
+           response is the rest, kept verbatim (usually with its leading space), so that
+           prompt + chosen is the chosen transcript.
+summarize  OpenAI summarize_from_feedback comparisons: {"info", "summaries", "choice"}.
+pku        PKU-SafeRLHF: {"prompt", "response_0", "response_1", "better_response_id", "safer_response_id"}.
+oasst      oasst1 message rows: {"message_id", "parent_id", "role", "text", "rank"}.
+meta       the meta set: {"prompt", "responses": [k strings]}.
+prompts    {"prompt"} only (load_prompts); "text" is a .txt file with one prompt a line.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from metarm_fast.data.records import DataError, MetaGroup, PreferencePair, Prompt, bad_record
+
+ASSISTANT_TAG = "\n\nAssistant:"
+HUMAN_TAG = "\n\nHuman:"
+
+PAIR_FORMATS = ("explicit", "hh-rlhf", "summarize", "pku", "oasst")
+META_FORMATS = ("meta",)
+PROMPT_FORMATS = PAIR_FORMATS + META_FORMATS + ("prompts", "text")
+
+# Messages keep only these two keys: templates need nothing else, and a plain dict compares simply.
+_ROLES_OASST = {"prompter": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where a record is: "train.jsonl:line 7", "x.parquet:record 3", "x.json:record 2 (line 5)"."""
+
+    origin: str  # the file as given, or "hub-name[split]"
+    unit: str  # "line" or "record"
+    n: int  # 1-based
+    line: int | None = None  # JSON arrays: the line the record starts on
+
+    def __str__(self) -> str:
+        s = f"{self.origin}:{self.unit} {self.n}"
+        return s if self.line is None else f"{s} (line {self.line})"
+
+
+# -- field checks ---------------------------------------------------------------------------------
+
+
+def _type_name(v: object) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def need(rec: dict, key: str, loc: Loc) -> object:
+    """rec[key], or a "missing field" error listing the fields the record does have."""
+    if key not in rec or rec[key] is None:
+        have = ", ".join(sorted(map(str, rec))) or "none"
+        what = "is missing" if key not in rec else "is null"
+        raise bad_record(str(loc), key, f"{what} (the record's fields: {have})", "missing field")
+    return rec[key]
+
+
+def text(value: object, loc: Loc, field: str) -> str:
+    if not isinstance(value, str):
+        raise bad_record(str(loc), field, f"expected a string, got {_type_name(value)}", "wrong-type field")
+    return value
+
+
+def response(value: object, loc: Loc, field: str) -> str:
+    """A response: a string with something in it besides whitespace."""
+    s = text(value, loc, field)
+    if not s.strip():
+        raise bad_record(str(loc), field, f"the response is empty ({s!r})", "empty response")
+    return s
+
+
+def different(chosen: str, rejected: str, loc: Loc, field: str) -> None:
+    # Compared without surrounding whitespace: " Yes" and "Yes" teach a reward model nothing.
+    if chosen.strip() == rejected.strip():
+        raise bad_record(
+            str(loc), field, f"the two responses are identical ({_short(chosen)}), so the pair carries no preference",
+            "identical responses",
+        )
+
+
+def integer(value: object, loc: Loc, field: str, allowed: tuple[int, ...] | None = None) -> int:
+    if isinstance(value, float) and value.is_integer():  # parquet/pandas may store ids as floats
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_record(str(loc), field, f"expected an integer, got {_type_name(value)}", "wrong-type field")
+    if allowed is not None and value not in allowed:
+        raise bad_record(str(loc), field, f"expected one of {list(allowed)}, got {value}", "bad value")
+    return value
+
+
+def messages(value: object, loc: Loc, field: str) -> list[dict]:
+    """A chat message list -> [{"role": str, "content": str}, ...] (other keys dropped)."""
+    if not isinstance(value, list):
+        raise bad_record(str(loc), field, f"expected a list of chat messages, got {_type_name(value)}", "wrong-type field")
+    out = []
+    for i, m in enumerate(value):
+        f = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise bad_record(str(loc), f, f"expected a message {{'role', 'content'}}, got {_type_name(m)}", "wrong-type field")
+        for key in ("role", "content"):
+            if m.get(key) is None:
+                raise bad_record(str(loc), f"{f}.{key}", "is missing", "missing field")
+            text(m[key], loc, f"{f}.{key}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def prompt_value(value: object, loc: Loc, field: str = "prompt") -> Prompt:
+    """A prompt: a string, or a non-empty list of chat messages (returned as a tuple)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        msgs = messages(value, loc, field)
+        if not msgs:
+            raise bad_record(str(loc), field, "the message list is empty", "empty prompt")
+        return tuple(msgs)
+    raise bad_record(str(loc), field, f"expected a string or a list of chat messages, got {_type_name(value)}", "wrong-type field")
+
+
+def _short(s: str, n: int = 40) -> str:
+    s = s.strip()
+    return repr(s if len(s) <= n else s[: n - 3] + "...")
+
+
+# -- formats -------------------------------------------------------------------------------------
+
+
+class Format:
+    name = ""
+
+    def convert(self, rec: dict, loc: Loc) -> list:
+        raise NotImplementedError
+
+    def finish(self, bad: Callable[[DataError], None]) -> list:
+        return []
+
+
+class Explicit(Format):
+    name = "explicit"
+
+    def convert(self, rec: dict, loc: Loc) -> list[PreferencePair]:
+        c_v, r_v = need(rec, "chosen", loc), need(rec, "rejected", loc)
+        p_v = rec.get("prompt")
+        margin = self._margin(rec, loc)
+        if isinstance(c_v, str) or isinstance(r_v, str):
+            if p_v is None:
+                need(rec, "prompt", loc)  # raises: string responses need a prompt
+            prompt = prompt_value(p_v, loc)
+            chosen = response(c_v, loc, "chosen")
+            rejected = response(r_v, loc, "rejected")
+        else:
+            prompt, chosen, rejected = self._conversations(p_v, c_v, r_v, loc)
+        different(chosen, rejected, loc, "rejected")
+        return [PreferencePair(prompt, chosen, rejected, margin, str(loc))]
+
+    @staticmethod
+    def _margin(rec: dict, loc: Loc) -> float | None:
+        m = rec.get("margin")
+        if m is None:
+            return None
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            raise bad_record(str(loc), "margin", f"expected a finite number, got {m!r}", "wrong-type field")
+        return float(m)
+
+    @staticmethod
+    def _conversations(p_v, c_v, r_v, loc: Loc) -> tuple[Prompt, str, str]:
+        """Message-list chosen/rejected: the prompt is the given prompt plus whatever the two share;
+        what is left of each must be exactly one assistant message."""
+        head: list[dict] = []
+        if p_v is not None:
+            p = prompt_value(p_v, loc)
+            head = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        c = messages(c_v, loc, "chosen")
+        r = messages(r_v, loc, "rejected")
+        for field, m in (("chosen", c), ("rejected", r)):
+            if not m:
+                raise bad_record(str(loc), field, "the message list is empty", "empty response")
+        if head and c[: len(head)] == head and r[: len(head)] == head:
+            head = []  # whole conversations that repeat the prompt (as in ultrafeedback_binarized)
+        k = 0
+        while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
+            k += 1
+        for field, m in (("chosen", c), ("rejected", r)):
+            rest = m[k:]
+            if len(rest) != 1 or rest[0]["role"] != "assistant":
+                got = ", ".join(x["role"] for x in rest)
+                raise bad_record(
+                    str(loc), field,
+                    f"after the messages it shares with the other response, expected one assistant message, got [{got}]",
+                    "bad message list",
+                )
+        prompt = tuple(head + c[:k])
+        if not prompt:
+            raise bad_record(str(loc), "prompt", "no prompt field and no messages shared by chosen and rejected", "missing field")
+        chosen = response(c[k]["content"], loc, f"chosen[{k}].content")
+        rejected = response(r[k]["content"], loc, f"rejected[{k}].content")
+        return prompt, chosen, rejected
+
+
+def split_hh(transcript: str, loc: Loc, field: str) -> tuple[str, str]:
+    """An HH transcript -> (prompt up to and including the last "\\n\\nAssistant:", response)."""
+    i = transcript.rfind(ASSISTANT_TAG)
+    if i < 0:
+        raise bad_record(str(loc), field, 'the transcript has no "\\n\\nAssistant:" turn', "missing assistant turn")
+    cut = i + len(ASSISTANT_TAG)
+    return transcript[:cut], transcript[cut:]
+
+
+class HH(Format):
+    name = "hh-rlhf"
+
+    def convert(self, rec: dict, loc: Loc) -> list[PreferencePair]:
+        c_t = text(need(rec, "chosen", loc), loc, "chosen")
+        r_t = text(need(rec, "rejected", loc), loc, "rejected")
+        prompt, chosen = split_hh(c_t, loc, "chosen")
+        r_prompt, rejected = split_hh(r_t, loc, "rejected")
+        response(chosen, loc, "chosen")
+        response(rejected, loc, "rejected")
+        if prompt != r_prompt:
+            at = next((i for i, (a, b) in enumerate(zip(prompt, r_prompt)) if a != b), min(len(prompt), len(r_prompt)))
+            raise bad_record(
+                str(loc), "rejected",
+                f'the transcript differs from chosen before its last "\\n\\nAssistant:" (first difference at '
+                f"character {at}), so the two do not share a prompt",
+                "prompt mismatch",
+            )
+        different(chosen, rejected, loc, "rejected")
+        return [PreferencePair(prompt, chosen, rejected, None, str(loc))]
+
+
+class Summarize(Format):
+    """The prompt follows the Reddit TL;DR layout of "Learning to summarize from human feedback":
+    "SUBREDDIT: r/<subreddit>\\nTITLE: <title>\\nPOST: <post>\\nTL;DR:"; news items (post null) use
+    "ARTICLE: <article>". The summaries are kept verbatim (they usually begin with a space)."""
+
+    name = "summarize"
+
+    def convert(self, rec: dict, loc: Loc) -> list[PreferencePair]:
+        info = need(rec, "info", loc)
+        if not isinstance(info, dict):
+            raise bad_record(str(loc), "info", f"expected an object, got {_type_name(info)}", "wrong-type field")
+        lines = []
+        for key, label in (("subreddit", "SUBREDDIT: r/"), ("title", "TITLE: ")):
+            v = info.get(key)
+            if v is not None and text(v, loc, f"info.{key}").strip():
+                lines.append(label + v.strip())
+        post, article = info.get("post"), info.get("article")
+        if post is not None and text(post, loc, "info.post").strip():
+            lines.append("POST: " + post.strip())
+        elif article is not None and text(article, loc, "info.article").strip():
+            lines.append("ARTICLE: " + article.strip())
+        else:
+            raise bad_record(str(loc), "info.post", "neither info.post nor info.article holds any text", "missing field")
+        prompt = "\n".join(lines) + "\nTL;DR:"
+
+        summaries = need(rec, "summaries", loc)
+        if not isinstance(summaries, list) or len(summaries) != 2:
+            got = f"{len(summaries)} items" if isinstance(summaries, list) else _type_name(summaries)
+            raise bad_record(str(loc), "summaries", f"expected a list of two summaries, got {got}", "wrong-type field")
+        texts = []
+        for i, s in enumerate(summaries):
+            field = f"summaries[{i}]"
+            if not isinstance(s, dict):
+                raise bad_record(str(loc), field, f"expected an object, got {_type_name(s)}", "wrong-type field")
+            if s.get("text") is None:
+                raise bad_record(str(loc), f"{field}.text", "is missing", "missing field")
+            texts.append(response(s["text"], loc, f"{field}.text"))
+        choice = integer(need(rec, "choice", loc), loc, "choice", (0, 1))
+        chosen, rejected = texts[choice], texts[1 - choice]
+        different(chosen, rejected, loc, "summaries")
+        return [PreferencePair(prompt, chosen, rejected, None, str(loc))]
+
+
+class PKU(Format):
+    name = "pku"
+
+    def __init__(self, preference: str = "better"):
+        self.id_field = f"{preference}_response_id"
+
+    def convert(self, rec: dict, loc: Loc) -> list[PreferencePair]:
+        prompt = prompt_value(need(rec, "prompt", loc), loc)
+        r = [response(need(rec, f"response_{i}", loc), loc, f"response_{i}") for i in (0, 1)]
+        best = integer(need(rec, self.id_field, loc), loc, self.id_field, (0, 1))
+        different(r[0], r[1], loc, "response_1")
+        return [PreferencePair(prompt, r[best], r[1 - best], None, str(loc))]
+
+
+@dataclass
+class _Message:
+    loc: Loc
+    parent_id: str | None
+    role: str  # "user" or "assistant"
+    text: str
+    rank: int | None
+    usable: bool  # False for a ranked assistant reply with no text (reported when read)
+
+
+class Oasst(Format):
+    """oasst1 flat message rows -> pairs.
+
+    The rows are gathered into trees (by parent_id). For every message, its assistant replies
+    that carry a rank (0 = best) are compared two by two: each two siblings with different ranks
+    make one pair, the lower rank chosen (3 ranked siblings give 3 pairs; equal ranks give none).
+    The prompt is the conversation from the tree's root down to that parent, as chat messages,
+    with role "prompter" renamed "user". Ranked prompter replies are not used (they are the
+    human side of the conversation). A ranked reply with empty text is a bad record (reported
+    when its row is read); the row still stays in the tree as context for its descendants.
+    """
+
+    name = "oasst"
+
+    def __init__(self) -> None:
+        self.rows: dict[str, _Message] = {}
+        self.read_all = True  # set False by the reader when max_records cut the source short
+
+    def convert(self, rec: dict, loc: Loc) -> list:
+        mid = text(need(rec, "message_id", loc), loc, "message_id")
+        if mid in self.rows:
+            raise bad_record(str(loc), "message_id", f"{mid!r} was already used at {self.rows[mid].loc}", "duplicate id")
+        parent = rec.get("parent_id")
+        if parent is not None:
+            text(parent, loc, "parent_id")
+        role = text(need(rec, "role", loc), loc, "role")
+        if role not in _ROLES_OASST:
+            raise bad_record(str(loc), "role", f"expected 'prompter' or 'assistant', got {role!r}", "bad value")
+        body = text(need(rec, "text", loc), loc, "text")
+        rank = rec.get("rank")
+        if isinstance(rank, float) and math.isnan(rank):  # pandas' null
+            rank = None
+        if rank is not None:
+            rank = integer(rank, loc, "rank")
+        usable = not (role == "assistant" and rank is not None and not body.strip())
+        self.rows[mid] = _Message(loc, parent, _ROLES_OASST[role], body, rank, usable)
+        if not usable:
+            response(body, loc, "text")  # raises "empty response" for this reply
+        return []
+
+    def finish(self, bad: Callable[[DataError], None]) -> list[PreferencePair]:
+        children: dict[str, list[_Message]] = {}
+        for m in self.rows.values():
+            if m.parent_id is not None:
+                children.setdefault(m.parent_id, []).append(m)
+        pairs: list[PreferencePair] = []
+        for parent_id, kids in children.items():
+            ranked = sorted(
+                (m for m in kids if m.role == "assistant" and m.rank is not None and m.usable), key=lambda m: m.rank
+            )
+            if len({m.rank for m in ranked}) < 2:
+                continue
+            try:
+                prompt = self._conversation(parent_id, ranked[0])
+            except DataError as e:
+                bad(e)
+                continue
+            for i, a in enumerate(ranked):
+                for b in ranked[i + 1:]:
+                    if a.rank == b.rank:
+                        continue
+                    where = f"{a.loc} vs {b.loc.unit} {b.loc.n}"
+                    if a.text.strip() == b.text.strip():
+                        bad(bad_record(
+                            where, "text", f"two replies ranked {a.rank} and {b.rank} are identical ({_short(a.text)})",
+                            "identical responses",
+                        ))
+                        continue
+                    pairs.append(PreferencePair(prompt, a.text, b.text, None, where))
+        return pairs
+
+    def _conversation(self, parent_id: str, child: _Message) -> tuple[dict, ...]:
+        chain: list[_Message] = []
+        seen: set[str] = set()
+        mid: str | None = parent_id
+        below = child
+        while mid is not None:
+            if mid in seen:
+                raise bad_record(str(below.loc), "parent_id", "the parent_id links form a cycle", "bad tree")
+            seen.add(mid)
+            m = self.rows.get(mid)
+            if m is None:
+                hint = "" if self.read_all else " (reading stopped at max_records; the parent may come later)"
+                raise bad_record(
+                    str(below.loc), "parent_id", f"refers to message {mid!r}, which is not in the source{hint}",
+                    "missing parent",
+                )
+            chain.append(m)
+            below, mid = m, m.parent_id
+        return tuple({"role": m.role, "content": m.text} for m in reversed(chain))
+
+
+class Meta(Format):
+    name = "meta"
+
+    def convert(self, rec: dict, loc: Loc) -> list[MetaGroup]:
+        prompt = prompt_value(need(rec, "prompt", loc), loc)
+        rs = need(rec, "responses", loc)
+        if not isinstance(rs, list):
+            raise bad_record(str(loc), "responses", f"expected a list of strings, got {_type_name(rs)}", "wrong-type field")
+        if not rs:
+            raise bad_record(str(loc), "responses", "the list is empty; a meta group needs at least one response", "empty response list")
+        out = tuple(response(r, loc, f"responses[{i}]") for i, r in enumerate(rs))
+        return [MetaGroup(prompt, out, str(loc))]
+
+
+class Prompts(Format):
+    """{"prompt": ...} records (or the lines of a .txt file): prompts only, for load_prompts."""
+
+    name = "prompts"
+
+    def convert(self, rec: dict, loc: Loc) -> list[Prompt]:
+        p = prompt_value(need(rec, "prompt", loc), loc)
+        if isinstance(p, str) and not p.strip():
+            raise bad_record(str(loc), "prompt", "the prompt is empty", "empty prompt")
+        return [p]
+
+
+def detect(rec: dict) -> str | None:
+    """The format a record's fields say it is in, or None."""
+    keys = set(rec)
+    if {"prompt", "responses"} <= keys:
+        return "meta"
+    if {"info", "summaries"} <= keys:
+        return "summarize"
+    if {"response_0", "response_1"} <= keys:
+        return "pku"
+    if {"message_id", "role", "text"} <= keys:
+        return "oasst"
+    if {"chosen", "rejected"} <= keys:
+        if rec.get("prompt") is not None or isinstance(rec.get("chosen"), list):
+            return "explicit"
+        return "hh-rlhf"
+    if "prompt" in keys:
+        return "prompts"
+    return None
+
+
+def make_format(name: str, pku_preference: str = "better") -> Format:
+    if name == "explicit":
+        return Explicit()
+    if name == "hh-rlhf":
+        return HH()
+    if name == "summarize":
+        return Summarize()
+    if name == "pku":
+        return PKU(pku_preference)
+    if name == "oasst":
+        return Oasst()
+    if name == "meta":
+        return Meta()
+    if name in ("prompts", "text"):
+        return Prompts()
+    raise ValueError(f"unknown format {name!r}; known: {', '.join(PROMPT_FORMATS)}")
