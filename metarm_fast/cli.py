@@ -1,0 +1,174 @@
+"""Command line: `metarm-fast train | eval | sample`. Flags of `train` are generated from TrainConfig."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+
+from metarm_fast.config import TrainConfig, config_fields
+
+
+def _flag_type(f: dataclasses.Field):
+    hints = typing.get_type_hints(TrainConfig)
+    t = hints[f.name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    base = args[0] if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union else t
+    return base, type(None) in typing.get_args(t)
+
+
+def _parse_optional(base):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else base(text)
+
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in config_fields():
+        base, optional = _flag_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        doc = f.metadata.get("doc", "")
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{doc} (default: {f.default})"}
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            kw["type"] = _parse_optional(base) if optional else base
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+            parser.add_argument(flag, **kw)
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    values: dict = {}
+    if getattr(ns, "config", None):
+        import yaml
+
+        with open(ns.config) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        known = {f.name for f in config_fields()}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise SystemExit(f"{ns.config}: unknown setting(s) {', '.join(unknown)}; see `metarm-fast train --help`")
+        values.update(loaded)
+    values.update({f.name: getattr(ns, f.name) for f in config_fields() if hasattr(ns, f.name)})
+    return TrainConfig(**values)
+
+
+def _print_config(cfg: TrainConfig) -> None:
+    print("metarm-fast train: resolved config")
+    for k, v in cfg.to_dict().items():
+        print(f"  {k:<26} {v}")
+
+
+def _print_summary(trainer, summary: dict) -> None:
+    cfg = trainer.cfg
+    n_params = sum(p.numel() for p in trainer.params)
+    rows = [
+        ("method", cfg.method),
+        ("model", f"{cfg.model} ({n_params / 1e6:.2f}M params, {cfg.precision})"),
+        ("train pairs", f"{len(trainer.train_pairs)} ({cfg.train_data})"),
+        ("steps", f"{summary['steps']} in {summary['train_time_s']} s ({summary['pairs_per_s']} pairs/s)"),
+        ("truncated records", str(summary["truncated_records"])),
+    ]
+    if "eval" in summary:
+        e = summary["eval"]
+        rows.append(("eval accuracy", f"{e['accuracy']:.3f} on {e['pairs']} pairs ({cfg.eval_data})"))
+        rows.append(("eval reward mean/std", f"{e['reward_mean']:.3f} / {e['reward_std']:.3f}"))
+    if "eval_shifted" in summary:
+        e = summary["eval_shifted"]
+        rows.append(("shifted accuracy", f"{e['accuracy']:.3f} on {e['pairs']} pairs (better-policy responses)"))
+    if "meta_gaps" in summary:
+        g = summary["meta_gaps"]
+        rows.append(("meta reward gap", f"mean {g['mean']:.3f}, median {g['median']:.3f} over {g['n']} pairs"))
+        rows.append(("gap histogram", summary["meta_gap_histogram"]))
+    for name, rep in trainer.reports:
+        rows.append((f"{name} data", rep.summary()))
+    rows.append(("checkpoint", cfg.output_dir))
+    width = max(len(r[0]) for r in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def cmd_train(ns) -> int:
+    from metarm_fast.trainer import RewardTrainer
+
+    cfg = config_from_args(ns).resolved()
+    _print_config(cfg)
+    trainer = RewardTrainer(cfg)
+    summary = trainer.train()
+    _print_summary(trainer, summary)
+    return 0
+
+
+def cmd_eval(ns) -> int:
+    from metarm_fast.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(ns.model, ns.data, data_format=ns.data_format, max_length=ns.max_length,
+                                 batch_size=ns.batch_size, on_bad_record=ns.on_bad_record,
+                                 max_records=ns.max_records, split=ns.split)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_sample(ns) -> int:
+    from metarm_fast.sample import sample_meta_set
+
+    sample_meta_set(ns)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metarm-fast", description="MetaRM reward-model training")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a reward model (no arguments: the embedded tiny default)")
+    t.add_argument("--config", help="YAML file of settings (flags override it)")
+    add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy of a saved reward model on preference pairs (one JSON line)")
+    e.add_argument("--model", required=True, help="checkpoint directory")
+    e.add_argument("--data", required=True, help="preference pairs (file, hub dataset or synthetic:eval)")
+    e.add_argument("--data-format", default="auto")
+    e.add_argument("--split", default="test")
+    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-records", type=int, default=None)
+    e.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sample", help="sample a meta set: k responses per prompt from a causal LM policy")
+    s.add_argument("--policy", required=True, help="causal LM directory or hub name")
+    s.add_argument("--prompts", required=True, help="prompts: any pair/meta file (its prompts) or a .txt, one a line")
+    s.add_argument("--out", required=True, help="output .jsonl: {prompt, responses}")
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--repetition-penalty", type=float, default=1.1)
+    s.add_argument("--max-new-tokens", type=int, default=512)
+    s.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    s.add_argument("--max-prompts", type=int, default=None)
+    s.add_argument("--max-prompt-length", type=int, default=1024)
+    s.add_argument("--data-format", default="auto")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError) as e:
+        # Errors a user can act on (bad records, bad settings) are printed without a traceback.
+        print(f"metarm-fast {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
