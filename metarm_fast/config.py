@@ -1,0 +1,108 @@
+"""The one typed configuration of a training run.
+
+Every field has a default and a one-line doc (the `doc` metadata); the command line, `--config
+file.yaml` and the resolved config saved next to the checkpoint are all generated from this class.
+Precedence: defaults < YAML file < command-line flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+TINY_MODEL = "tiny-llama"
+SYNTHETIC = "synthetic"
+
+
+def _f(default: Any, doc: str, choices: tuple | None = None):
+    return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train --------------------------------------------------------------------------
+    method: str = _f("vanilla", "vanilla: Bradley-Terry only; metarm: Algorithm 1 of the MetaRM paper", ("vanilla", "metarm"))
+    model: str = _f(TINY_MODEL, f"a directory or hub name of a model, or '{TINY_MODEL}' (a small random Llama built offline)")
+    tokenizer: str | None = _f(None, "tokenizer directory or hub name; default: the model's own (the synthetic task's for tiny-llama)")
+    tiny_layers: int = _f(2, "tiny-llama: decoder layers")
+    tiny_hidden: int = _f(64, "tiny-llama: hidden size")
+    attn_implementation: str = _f("sdpa", "attention backend passed to transformers (sdpa has a flash kernel on the CPU)")
+    # -- data -----------------------------------------------------------------------------------
+    train_data: str = _f(SYNTHETIC, "preference pairs: a .jsonl/.json/.parquet file (gz ok), a hub dataset, or 'synthetic'")
+    eval_data: str | None = _f(None, "held-out pairs; default: the synthetic eval split when training on 'synthetic'")
+    meta_data: str | None = _f(None, "meta set (prompt + k responses) for --method metarm; default: synthetic shifted set")
+    data_format: str = _f("auto", "record format", ("auto", "explicit", "hh-rlhf", "summarize", "pku", "oasst"))
+    pku_preference: str = _f("better", "PKU-SafeRLHF: which label makes the pair", ("better", "safer"))
+    split: str = _f("train", "split to read from a hub dataset")
+    on_bad_record: str = _f("error", "stop at the first bad record, or skip and report them at the end", ("error", "skip"))
+    max_records: int | None = _f(None, "read at most this many records of each data source")
+    max_length: int = _f(512, "tokens per sequence; longer pairs lose the start of their prompt")
+    chat_template: str = _f("auto", "use the tokenizer's chat template: auto (when it has one), never, always", ("auto", "never", "always"))
+    padding_side: str = _f("right", "where padding goes (rewards are read by position either way)", ("right", "left"))
+    # -- optimisation ---------------------------------------------------------------------------
+    batch_size: int = _f(8, "preference pairs per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (same result as a batch_size*grad_accum batch)")
+    max_steps: int = _f(-1, "optimizer steps; -1: run `epochs` epochs")
+    epochs: float = _f(1.0, "passes over the preference data when max_steps is -1")
+    lr: float | None = _f(None, "peak learning rate; default 1e-3 for tiny-llama, else 5e-6 (the paper's)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.05, "fraction of the steps spent warming the learning rate up linearly")
+    lr_schedule: str = _f("cosine", "decay after warm-up", ("cosine", "linear", "constant"))
+    max_grad_norm: float = _f(1.0, "clip the gradient to this norm; 0 disables clipping")
+    optimizer: str = _f("adamw", "torch AdamW, or bitsandbytes' 8-bit AdamW (2 bytes of state per parameter)", ("adamw", "adamw8bit"))
+    precision: str = _f("fp32", "fp32; bf16 (pure, the meta step may vanish in rounding); bf16-master (bf16 compute copy, fp32 master weights)", ("fp32", "bf16", "bf16-master"))
+    activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    center_coef: float = _f(0.0, "reward centering: adds c * mean((r_w + r_l)^2) to the loss (0.01 is TRL's suggestion)")
+    seed: int = _f(0, "seed for model init, data order and sampling; a CPU run repeats exactly")
+    # -- MetaRM ---------------------------------------------------------------------------------
+    eta: float | None = _f(None, "meta step size (gradient ascent on J); default: equal to lr, as in the paper")
+    meta_batch_size: int = _f(8, "prompts (each with its k responses) per meta batch")
+    meta_k: int = _f(5, "responses per prompt of the synthetic meta set")
+    meta_direction: str = _f("sgd", "perturb along grad J (paper), or grad J preconditioned by AdamW's second moments", ("sgd", "adam"))
+    second_order: bool = _f(False, "add eta * Hessian(J) @ grad L: the exact meta-gradient (one extra forward + double backward)")
+    on_nonfinite: str = _f("skip", "a non-finite J or L: skip the step with a warning, or stop", ("skip", "stop"))
+    # -- output ---------------------------------------------------------------------------------
+    output_dir: str = _f("runs/latest", "checkpoint, resolved config and metrics.jsonl go here")
+    eval_batch_size: int = _f(32, "pairs per evaluation batch")
+    log_every: int = _f(1, "write metrics every N optimizer steps")
+    progress: bool = _f(True, "show a progress bar")
+
+    # -- derived --------------------------------------------------------------------------------
+    def resolved(self) -> "TrainConfig":
+        """A copy with the defaults that depend on other fields filled in, checked."""
+        c = dataclasses.replace(self)
+        if c.lr is None:
+            c.lr = 1e-3 if c.model == TINY_MODEL else 5e-6
+        if c.eta is None:
+            c.eta = c.lr
+        if c.eval_data is None and c.train_data == SYNTHETIC:
+            c.eval_data = f"{SYNTHETIC}:eval"
+        if c.meta_data is None and c.method == "metarm" and c.train_data.startswith(SYNTHETIC):
+            c.meta_data = f"{SYNTHETIC}:meta"
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"config: {f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        for name in ("batch_size", "grad_accum", "max_length", "meta_batch_size", "meta_k", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 4:
+            raise ValueError("config: max_length must be at least 4 tokens")
+        for name in ("lr", "eta"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"config: {name} must be finite and >= 0, got {v}")
+        if self.method == "metarm" and not self.meta_data and self.eta is not None:
+            raise ValueError("config: --method metarm needs --meta-data (a prompt + responses file) unless training on 'synthetic'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def config_fields():
+    return dataclasses.fields(TrainConfig)

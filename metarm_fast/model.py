@@ -1,0 +1,118 @@
+"""Loading reward models and scoring sequences.
+
+A reward model is any `AutoModelForSequenceClassification` with one output. Rewards are read at the
+last token of each response *by position* (`last_index` from the collator), never by searching the
+input ids for the pad id as transformers' own head does: when pad == eos and an eos is appended,
+that search reads the reward one token early.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metarm_fast.config import TINY_MODEL, TrainConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-master": torch.bfloat16}
+
+
+def build_tiny_llama(vocab_size: int, pad_token_id: int, layers: int = 2, hidden: int = 64, attn: str = "sdpa"):
+    """A small random Llama-shaped reward model, built offline in well under a second."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        num_labels=1,
+        pad_token_id=pad_token_id,
+        attn_implementation=attn,
+    )
+    return LlamaForSequenceClassification(cfg)
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token that is not its eos (so transformers' own head reads checkpoints right)."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.tokenizer:
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    elif cfg.model == TINY_MODEL:
+        from metarm_fast.synthetic import SyntheticTask
+
+        tok = SyntheticTask(cfg.seed).tokenizer()
+    else:
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+    ensure_pad_token(tok)
+    return tok
+
+
+def load_model(cfg: TrainConfig, tokenizer) -> nn.Module:
+    """The reward model in the precision the config asks for (bf16-master: bf16 here, masters kept by the trainer)."""
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = _DTYPES[cfg.precision]
+    if cfg.model == TINY_MODEL:
+        torch.manual_seed(cfg.seed)
+        model = build_tiny_llama(len(tokenizer), tokenizer.pad_token_id, cfg.tiny_layers, cfg.tiny_hidden, cfg.attn_implementation)
+        model = model.to(dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.model, num_labels=1, dtype=dtype, attn_implementation=cfg.attn_implementation
+        )
+    if model.config.num_labels != 1:
+        raise ValueError(f"model {cfg.model}: a reward model needs one output, it has num_labels={model.config.num_labels}")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _last_token_head(model: nn.Module) -> nn.Module | None:
+    """The linear head of decoder reward models (Llama, Mistral, Qwen, GPT-2...: `score`); None for encoders."""
+    head = getattr(model, "score", None)
+    return head if isinstance(head, nn.Module) else None
+
+
+def compute_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rewards (B,) in fp32 for a collated batch (input_ids, attention_mask, position_ids, last_index).
+
+    Decoders: run the backbone, gather the hidden state at `last_index` and apply the head to those B
+    rows only (the head never sees the padding). Encoders (BERT): their head pools the first token
+    ([CLS]), which padding does not move, so their own forward is used.
+    """
+    head = _last_token_head(model)
+    if head is None:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if bool((mask[:, 0] == 0).any()):
+            # Left padding would put a pad where the encoder pools ([CLS] at column 0): move each
+            # row's tokens to the left, i.e. make the batch right-padded.
+            shift = (mask == 0).long().cumprod(dim=1).sum(dim=1, keepdim=True)  # (B, 1) leading pads
+            cols = (torch.arange(ids.shape[1], device=ids.device)[None, :] + shift) % ids.shape[1]
+            ids, mask = ids.gather(1, cols), mask.gather(1, cols)
+        out = model(input_ids=ids, attention_mask=mask)
+        return out.logits.squeeze(-1).float()
+    backbone = model.base_model
+    hidden = backbone(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state  # (B, T, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, batch["last_index"]]  # (B, H)
+    return head(last).squeeze(-1).float()  # (B,)

@@ -1,0 +1,197 @@
+"""The MetaRM step against a straightforward copy-based Algorithm 1, and its safety guarantees."""
+import warnings
+
+import pytest
+import torch
+
+from metarm_fast.kernels import difference_loss
+from metarm_fast.meta_step import perturb, perturbed
+from metarm_fast.model import compute_rewards
+from metarm_fast.reference import copy_based_meta_step
+from metarm_fast.trainer import RewardTrainer
+from tests.helpers import assert_bitwise_equal, snapshot, tiny_config
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_meta_step_matches_copy_based_algorithm_1(tmp_path, grad_accum):
+    cfg = tiny_config(tmp_path, method="metarm", eta=1e-3, grad_accum=grad_accum, batch_size=2)
+    fast, ref = RewardTrainer(cfg), RewardTrainer(cfg)
+    assert_bitwise_equal(list(fast.model.parameters()), list(ref.model.parameters()))
+    for micro in list(fast.step_batches())[:3]:
+        fast.train_step(micro)
+        fast.step += 1
+        copy_based_meta_step(ref, micro, ref.next_meta_groups())
+        ref.step += 1
+    for (name, a), b in zip(fast.model.named_parameters(), ref.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    for a, b in zip(fast.params, ref.params):
+        sa, sb = fast.optimizer.state[a], ref.optimizer.state[b]
+        for key in ("exp_avg", "exp_avg_sq"):
+            # Relative in norm: a state element near zero by cancellation has a large relative error
+            # from one-ulp differences in theta' (torch's add_(g, alpha=eta) may fuse the multiply).
+            err = (sa[key] - sb[key]).norm() / sb[key].norm()
+            assert err <= 1e-6, (key, float(err))
+
+
+def test_meta_step_differs_from_vanilla_when_eta_nonzero(tmp_path):
+    """Guards the test above from passing because the perturbation did nothing."""
+    a = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2))
+    b = RewardTrainer(tiny_config(tmp_path, method="vanilla"))
+    a.train()
+    b.train()
+    diff = max((x - y).abs().max().item() for x, y in zip(a.model.parameters(), b.model.parameters()))
+    assert diff > 1e-6
+
+
+def test_eta_zero_is_bitwise_vanilla(tmp_path):
+    a = RewardTrainer(tiny_config(tmp_path / "a", method="metarm", eta=0.0, max_steps=4))
+    b = RewardTrainer(tiny_config(tmp_path / "b", method="vanilla", max_steps=4))
+    a.train()
+    b.train()
+    assert_bitwise_equal(list(a.model.parameters()), list(b.model.parameters()))
+
+
+def _perturb_then(tr, fn):
+    """Run J + perturbation, then `fn` inside the perturbed region."""
+    meta = tr.meta_batch(tr.next_meta_groups())
+    tr.zero_grad()
+    j = difference_loss(compute_rewards(tr.model, meta), meta["offsets"])
+    j.backward()
+    stats = perturb(tr.meta_state, tr.cfg.eta)
+    with perturbed(tr.meta_state, use_hooks=True):
+        fn()
+    return stats
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-master"])
+def test_restore_is_bitwise(tmp_path, precision):
+    tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2, precision=precision))
+    before = snapshot(tr.params)
+    seen = {}
+
+    def l_pass():
+        seen["moved"] = sum(int((p != b).sum()) for p, b in zip(tr.params, before))
+        tr._l_pass(next(iter(tr.step_batches())))
+
+    stats = _perturb_then(tr, l_pass)
+    assert seen["moved"] > 0 and stats.changed > 0  # the L pass really ran at theta'
+    assert_bitwise_equal(tr.params, before)
+
+
+def test_exception_in_second_pass_leaves_weights_restored(tmp_path):
+    tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2))
+    before = snapshot(tr.params)
+    real = tr.pair_loss
+
+    def failing(batch):
+        loss, rc, rr = real(batch)
+        loss.backward(retain_graph=True)  # some weights are restored by their hooks before the failure
+        raise RuntimeError("injected failure")
+
+    tr.pair_loss = failing
+    with pytest.raises(RuntimeError, match="injected"):
+        tr.train_step(next(iter(tr.step_batches())))
+    assert_bitwise_equal(tr.params, before)
+
+
+def test_nonfinite_loss_skips_or_stops_with_weights_unchanged(tmp_path):
+    for mode in ("skip", "stop"):
+        tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2, on_nonfinite=mode))
+        before = snapshot(tr.params)
+        real = tr.pair_loss
+        tr.pair_loss = lambda batch: (real(batch)[0] * float("nan"), None, None)
+        micro = next(iter(tr.step_batches()))
+        if mode == "skip":
+            with pytest.warns(UserWarning, match="non-finite L"):
+                m = tr.train_step(micro)
+            assert "skipped" in m
+        else:
+            with pytest.raises(RuntimeError, match="non-finite L"):
+                tr.train_step(micro)
+        assert_bitwise_equal(tr.params, before)
+
+
+def test_vanished_perturbation_warns_in_pure_bf16(tmp_path):
+    tr = RewardTrainer(tiny_config(tmp_path, method="metarm", precision="bf16", eta=5e-6, max_steps=1))
+    with pytest.warns(UserWarning, match="lost to rounding"):
+        m = tr.train_step(next(iter(tr.step_batches())))
+    assert m["meta_realised_ratio"] < 0.1
+    ok = RewardTrainer(tiny_config(tmp_path, method="metarm", precision="fp32", eta=1e-3, max_steps=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = ok.train_step(next(iter(ok.step_batches())))
+    assert m["meta_frac_changed"] > 0.9 and 0.99 < m["meta_realised_ratio"] <= 1.0 + 1e-6
+
+
+def test_bf16_master_keeps_compute_copy_equal_to_cast_master(tmp_path):
+    tr = RewardTrainer(tiny_config(tmp_path, method="metarm", precision="bf16-master", eta=1e-2))
+    tr.train()
+    for p, m in zip(tr.params, tr.masters):
+        assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
+        assert torch.equal(p, m.to(torch.bfloat16))
+
+
+def test_adam_direction_runs_and_uses_second_moments(tmp_path):
+    tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-3, meta_direction="adam", max_steps=3))
+    s = tr.train()
+    assert s["steps"] == 3
+    for p in tr.params:
+        assert torch.isfinite(p).all()
+
+
+def test_second_order_matches_torch_func(tmp_path):
+    """grad of L(theta + eta grad J(theta)) by torch.func vs first-order + Hessian-vector product."""
+    from torch.func import functional_call, grad
+
+    # Large enough that the second-order term (~3e-4 here) is far above the tolerance, small enough
+    # that every element's step can be undone exactly (see kernels/perturb.py).
+    eta = 1e-3
+    cfg = tiny_config(tmp_path, method="metarm", eta=eta, second_order=True, attn_implementation="eager", max_steps=1)
+    tr = RewardTrainer(cfg)
+    micro = next(iter(tr.step_batches()))
+    meta_groups = tr.next_meta_groups()
+    tr._meta_order = []  # replay the same meta batch inside the trainer
+    names = [n for n, _ in tr.model.named_parameters()]
+    theta = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    meta, pref = tr.meta_batch(meta_groups), tr.pair_batch(micro[0])
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, batch):
+            return compute_rewards(self.m, batch)
+
+    w = Wrapped(tr.model)
+
+    def rewards(params, batch):
+        return functional_call(w, {"m." + k: v for k, v in params.items()}, (batch,))
+
+    def j_fn(params):
+        return difference_loss(rewards(params, meta), meta["offsets"], impl="torch")
+
+    def l_fn(params):
+        r = rewards(params, pref)
+        n = r.shape[0] // 2
+        from metarm_fast.kernels import bt_loss
+
+        return bt_loss(r[:n], r[n:], impl="torch")
+
+    def meta_objective(params):
+        gj = grad(j_fn)(params)
+        return l_fn({k: params[k] + eta * gj[k] for k in params})
+
+    exact = grad(meta_objective)(theta)
+    gj = grad(j_fn)(theta)
+    first_order = grad(l_fn)({k: theta[k] + eta * gj[k] for k in theta})
+
+    tr._meta_order = []
+    tr.next_meta_groups = lambda: meta_groups
+    tr.zero_grad()
+    tr._metarm_grads(micro)
+    ours = {n: p.grad for n, p in zip(names, tr.model.parameters())}
+    gap = max((exact[n] - first_order[n]).abs().max().item() for n in names)
+    assert gap > 1e-4, "the second-order term is too small for this test to tell anything"
+    for n in names:
+        torch.testing.assert_close(ours[n], exact[n], rtol=1e-4, atol=1e-6, msg=n)  # measured error ~3e-8
