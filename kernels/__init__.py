@@ -1,1 +1,27 @@
-"""Fused Triton kernels for MetaRM (installed as metarm_fast.kernels)."""
+"""Fused Triton kernels for MetaRM (installed as metarm_fast.kernels).
+
+Imports only torch and triton. Each op runs its Triton kernel on CUDA tensors and its pure-torch
+reference on CPU tensors; ``impl=`` or METARM_FAST_KERNELS overrides that (see ``_dispatch``).
+
+- ``bt_loss``: pairwise Bradley-Terry loss (margin, reward centering), fused forward+backward.
+- ``difference_loss``: MetaRM's J over groups of k responses per prompt, fused forward+backward.
+- ``perturb_`` / ``restore_``: the meta step's in-place theta + eta * d and its bit-exact undo,
+  with the realised-perturbation statistics (``PerturbStats``).
+"""
+from .bt_loss import BTLossFunction, bt_loss, bt_loss_reference
+from .difference_loss import DifferenceLossFunction, difference_loss, difference_loss_reference
+from .perturb import PerturbStats, perturb_, perturb_reference_, restore_, restore_reference_
+
+__all__ = [
+    "bt_loss",
+    "bt_loss_reference",
+    "BTLossFunction",
+    "difference_loss",
+    "difference_loss_reference",
+    "DifferenceLossFunction",
+    "perturb_",
+    "restore_",
+    "perturb_reference_",
+    "restore_reference_",
+    "PerturbStats",
+]

@@ -75,7 +75,7 @@ def _print_summary(trainer, summary: dict) -> None:
     ]
     if "eval" in summary:
         e = summary["eval"]
-        rows.append(("eval accuracy", f"{e['accuracy']:.3f} on {e['pairs']} pairs ({cfg.eval_data})"))
+        rows.append(("eval accuracy", f"{e['accuracy']:.3f} on {e['pairs']} pairs ({cfg.eval_data or f'{cfg.eval_fraction:.0%} of the train data, held out'})"))
         rows.append(("eval reward mean/std", f"{e['reward_mean']:.3f} / {e['reward_std']:.3f}"))
     if "eval_shifted" in summary:
         e = summary["eval_shifted"]

@@ -31,6 +31,7 @@ class TrainConfig:
     # -- data -----------------------------------------------------------------------------------
     train_data: str = _f(SYNTHETIC, "preference pairs: a .jsonl/.json/.parquet file (gz ok), a hub dataset, or 'synthetic'")
     eval_data: str | None = _f(None, "held-out pairs; default: the synthetic eval split when training on 'synthetic'")
+    eval_fraction: float = _f(0.0, "hold out this fraction of the training pairs (shuffled by seed) for evaluation when no eval_data is given")
     meta_data: str | None = _f(None, "meta set (prompt + k responses) for --method metarm; default: synthetic shifted set")
     data_format: str = _f("auto", "record format", ("auto", "explicit", "hh-rlhf", "summarize", "pku", "oasst"))
     pku_preference: str = _f("better", "PKU-SafeRLHF: which label makes the pair", ("better", "safer"))
@@ -91,12 +92,17 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "meta_batch_size", "meta_k", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"config: eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 4:
             raise ValueError("config: max_length must be at least 4 tokens")
         for name in ("lr", "eta"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"config: {name} must be finite and >= 0, got {v}")
+        if self.second_order and self.meta_direction != "sgd":
+            raise ValueError("config: --second-order is exact for --meta-direction sgd only (the adam direction's "
+                             "preconditioner depends on grad J itself); use one or the other")
         if self.method == "metarm" and not self.meta_data and self.eta is not None:
             raise ValueError("config: --method metarm needs --meta-data (a prompt + responses file) unless training on 'synthetic'")
 

@@ -19,9 +19,9 @@ Where the exact restore information lives, so that no copy of the weights is eve
 Anything that fails between step 2 and the end of the restore (an exception, a non-finite loss)
 restores the weights before it propagates: the model is never left perturbed.
 
-Optional exact second-order term: the true meta-gradient is (I + eta * H_J P) grad L(theta'), with P
-the preconditioner of the direction (identity for sgd). `second_order_correction_` adds eta * H_J (P g)
-with one more forward of J at theta and a double backward (a Hessian-vector product).
+Optional exact second-order term (sgd direction): the true meta-gradient is
+(I + eta * H_J) grad L(theta'). `second_order_correction_` adds eta * H_J grad L(theta') with one
+more forward of J at theta and a double backward (a Hessian-vector product).
 """
 from __future__ import annotations
 
@@ -163,11 +163,11 @@ def _math_attention():
         yield
 
 
-def second_order_correction_(params, j_fn, eta: float, precond=None) -> None:
-    """grad += eta * H_J(theta) @ (P grad), with the grads holding grad L(theta') and params at theta."""
+def second_order_correction_(params, j_fn, eta: float) -> None:
+    """grad += eta * H_J(theta) @ grad, with the grads holding grad L(theta') and params at theta.
+
+    For the sgd direction only: d(theta')/d(theta) = I + eta * H_J, so this makes the update exact."""
     vec = [p.grad.detach().clone() for p in params]  # one gradient-sized temporary
-    if precond is not None:
-        vec = [v / (torch.sqrt(s / precond[1]) + 1e-8) if s is not None else v for v, s in zip(vec, precond[0])]
     with torch.enable_grad(), _math_attention():
         j = j_fn()
         gj = torch.autograd.grad(j, params, create_graph=True, allow_unused=True)

@@ -59,8 +59,15 @@ class RewardTrainer:
 
         pairs, rep = pair_source(cfg.train_data, cfg)
         self.reports.append(("train", rep))
-        self.train_pairs = self._encode_pairs(pairs)
         self.eval_pairs = None
+        if cfg.eval_fraction > 0 and not cfg.eval_data:
+            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            n_eval = max(1, int(len(pairs) * cfg.eval_fraction))
+            if n_eval >= len(pairs):
+                raise ValueError(f"{cfg.train_data}: eval_fraction {cfg.eval_fraction} leaves no training pairs")
+            self.eval_pairs = self._encode_pairs([pairs[i] for i in order[:n_eval]])
+            pairs = [pairs[i] for i in order[n_eval:]]
+        self.train_pairs = self._encode_pairs(pairs)
         if cfg.eval_data:
             pairs, rep = pair_source(cfg.eval_data, cfg)
             self.reports.append(("eval", rep))
@@ -226,7 +233,7 @@ class RewardTrainer:
         with perturbed(self.meta_state, use_hooks=len(micro_batches) == 1):
             m = self._l_pass(micro_batches)
         if cfg.second_order:
-            second_order_correction_(self.params, lambda: self.meta_objective(meta)[0], cfg.eta, precond)
+            second_order_correction_(self.params, lambda: self.meta_objective(meta)[0], cfg.eta)
         ratio = math.sqrt(stats.realised_sq / stats.intended_sq) if stats.intended_sq > 0 else 0.0
         if vanished(stats) and not self._warned_vanished:
             self._warned_vanished = True

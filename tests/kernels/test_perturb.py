@@ -1,0 +1,334 @@
+"""perturb_ / restore_: bit-exact restore, torch == Triton bit for bit, and honest statistics."""
+import math
+
+import pytest
+import torch
+
+from metarm_fast.kernels import PerturbStats, perturb_, perturb_reference_, restore_, restore_reference_
+from metarm_fast.kernels._dispatch import is_interpreted
+from metarm_fast.kernels.perturb import CHUNK, _perturb_kernel, perturb_triton_, restore_triton_
+from tests.kernels.gpu_compile import compile_for_sm80
+
+# The interpreter evaluates kernels with numpy, which warns when the special values below
+# overflow or produce NaN inside a where() branch that is then discarded. Expected; not a bug.
+# The Triton path is exercised on CPU tensors under the interpreter, which tests/conftest.py turns
+# on when there is no GPU. On a GPU machine run `TRITON_INTERPRET=1 pytest tests/kernels`.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.skipif(
+        not is_interpreted(_perturb_kernel),
+        reason="kernel tests need TRITON_INTERPRET=1 (set by tests/conftest.py when there is no GPU)",
+    ),
+]
+
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# Values that break naive schemes: signed zeros, subnormals, the largest finite values, inf, NaN.
+SPECIAL_WEIGHTS = {
+    FP32: [0.0, -0.0, 1e-45, -1e-45, 1e-40, -3e-39, 1.1754944e-38, 3.4028235e38, -3.4e38, 1e30,
+           float("inf"), float("-inf"), float("nan"), 1.0, -2.0, 1e-10],
+    FP16: [0.0, -0.0, 6e-8, -6e-8, 3e-5, -6.1e-5, 65504.0, -65504.0, 6e4, 1e-3,
+           float("inf"), float("-inf"), float("nan"), 1.0, -2.0, 0.02],
+    BF16: [0.0, -0.0, 9.2e-41, -1e-39, 1.2e-38, 3.38e38, -3.3e38, 1e30,
+           float("inf"), float("-inf"), float("nan"), 1.0, -2.0, 0.02],
+}
+SPECIAL_GRADS = [0.0, -0.0, float("inf"), float("nan"), 1e-40, 1e3, -1e3, 2.0]
+SIZES = (1, 3, 1000, CHUNK + 1)  # CHUNK + 1: a tensor split across two programs
+
+
+def _tensor_with(values, n, std, dtype, gen):
+    t = torch.randn(n, generator=gen) * std
+    k = min(len(values), n)
+    t[:k] = torch.tensor(values[:k])
+    if n > 2 * len(values):  # the same values again somewhere inside a block
+        t[n // 2 : n // 2 + len(values)] = torch.tensor(values)
+    return t.to(dtype)
+
+
+def _random_bits(n, dtype, gen):
+    """Uniformly random bit patterns (every exponent: subnormals, huge values, inf, NaN)."""
+    bits = BITS[dtype]
+    info = torch.iinfo(bits)
+    return torch.randint(info.min, info.max, (n,), generator=gen, dtype=torch.int64).to(bits).view(dtype)
+
+
+def _problem(p_dtype, g_dtype, master, with_v, seed=0, special=True):
+    """Lists (params, grads, masters|None, exp_avg_sq|None) over SIZES (+ a random-bits tensor)."""
+    gen = torch.Generator().manual_seed(seed)
+    params, grads, masters, vs = [], [], [], []
+    for n in SIZES:
+        if master:
+            w = _tensor_with(SPECIAL_WEIGHTS[FP32][:10] + [float("inf"), 1.0] if special else [], n, 0.02, FP32, gen)
+            masters.append(w)
+            params.append(w.to(p_dtype))
+        else:
+            params.append(_tensor_with(SPECIAL_WEIGHTS[p_dtype] if special else [], n, 0.02, p_dtype, gen))
+        grads.append(_tensor_with(SPECIAL_GRADS if special else [], n, 0.01, g_dtype, gen))
+        vs.append(torch.rand(n, generator=gen) * 1e-4)
+    if special and not master:
+        params.append(_random_bits(2000, p_dtype, gen))
+        grads.append(_random_bits(2000, g_dtype, gen) if g_dtype == p_dtype else torch.randn(2000, generator=gen).to(g_dtype))
+        vs.append(torch.rand(2000, generator=gen))
+    if with_v:
+        vs[1] = None  # a tensor without optimizer state uses the plain gradient
+    return params, grads, (masters if master else None), (vs if with_v else None)
+
+
+def _clone(lst):
+    return None if lst is None else [None if t is None else t.clone() for t in lst]
+
+
+def _bits(t):
+    return t.view(BITS[t.dtype])
+
+
+def _assert_bitwise(a_list, b_list, what):
+    for i, (a, b) in enumerate(zip(a_list, b_list)):
+        assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)), f"{what}: tensor {i} differs"
+
+
+def _direct_stats(before, after, grads, vs, eta, eps=1e-8, bias_correction2=1.0):
+    """The statistics recomputed from their definitions, in fp64, from the tensors themselves."""
+    numel = changed = nonfinite = 0
+    intended = realised = 0.0
+    for i, (b, a, g) in enumerate(zip(before, after, grads)):
+        v = vs[i] if vs is not None else None
+        gd, gf = g.double(), g.float()
+        d = gd if v is None else gd / (torch.maximum((v.double() / bias_correction2).sqrt(), gd.abs()) + eps)
+        e32 = (gf if v is None else gf / (torch.maximum((v / bias_correction2).sqrt(), gf.abs()) + eps)) * eta
+        finite = torch.isfinite(e32)
+        moved = _bits(a) != _bits(b)
+        numel += b.numel()
+        changed += int(moved.sum())
+        nonfinite += int((~finite).sum())
+        intended += float(((eta * d)[finite] ** 2).sum())
+        realised += float(((a.double() - b.double())[moved] ** 2).sum())
+    return PerturbStats(numel, changed, intended, realised, nonfinite)
+
+
+def _assert_stats_close(got, want, what):
+    assert got.numel == want.numel and got.changed == want.changed and got.nonfinite == want.nonfinite, (
+        f"{what}: {got} vs {want}"
+    )
+    assert math.isclose(got.intended_sq, want.intended_sq, rel_tol=1e-6), f"{what}: {got} vs {want}"
+    assert math.isclose(got.realised_sq, want.realised_sq, rel_tol=1e-9, abs_tol=0.0), f"{what}: {got} vs {want}"
+
+
+ARRANGEMENTS = {
+    "fp32": (FP32, FP32, False),
+    "bf16": (BF16, BF16, False),
+    "fp16": (FP16, FP16, False),
+    "bf16+fp32 grads": (BF16, FP32, False),
+    "fp32+master": (FP32, FP32, True),
+    "bf16+master": (BF16, BF16, True),
+    "fp16+master": (FP16, FP16, True),
+    "bf16+master+fp32 grads": (BF16, FP32, True),
+}
+
+
+@pytest.mark.parametrize("eta", (5e-6, 0.5))
+@pytest.mark.parametrize("with_v", (False, True), ids=("plain", "exp_avg_sq"))
+@pytest.mark.parametrize("arrangement", list(ARRANGEMENTS))
+def test_restore_is_bitwise_and_impls_agree(arrangement, with_v, eta):
+    p_dtype, g_dtype, master = ARRANGEMENTS[arrangement]
+    params, grads, masters, vs = _problem(p_dtype, g_dtype, master, with_v)
+    results = {}
+    for impl in ("torch", "triton"):
+        p, g, m, v = _clone(params), _clone(grads), _clone(masters), _clone(vs)
+        stats = perturb_(p, g, eta, masters=m, exp_avg_sq=v, impl=impl)
+        after_p, after_g = _clone(p), _clone(g)
+        restore_(p, None if master else g, masters=m, impl=impl)
+        _assert_bitwise(p, params, f"{impl} restore")  # the weights are back, bit for bit
+        if master:
+            _assert_bitwise(g, grads, f"{impl} grads untouched")
+            _assert_bitwise(m, masters, f"{impl} masters untouched")
+        else:
+            # The grads buffer holds exactly the step where a weight moved, and 0 elsewhere.
+            for i, (gi, a, b) in enumerate(zip(after_g, after_p, params)):
+                moved = _bits(a) != _bits(b)
+                assert torch.equal(gi != 0, moved), f"{impl}: grads[{i}] nonzero exactly where weights moved"
+                assert torch.equal(_bits(gi[~moved]), torch.zeros_like(_bits(gi[~moved])))
+        _assert_stats_close(stats, _direct_stats(params, after_p, grads, vs, eta), f"{impl} stats")
+        results[impl] = (after_p, after_g, stats)
+    _assert_bitwise(results["triton"][0], results["torch"][0], "perturbed weights torch vs triton")
+    _assert_bitwise(results["triton"][1], results["torch"][1], "grads buffers torch vs triton")
+    _assert_stats_close(results["triton"][2], results["torch"][2], "stats torch vs triton")
+
+
+def test_preconditioning_options_agree():
+    # eps and bias_correction2 enter both paths the same way (IEEE sqrt/div on both).
+    params, grads, _, vs = _problem(FP32, FP32, False, True, seed=4, special=False)
+    out = {}
+    for impl in ("torch", "triton"):
+        p, g = _clone(params), _clone(grads)
+        stats = perturb_(p, g, 1e-3, exp_avg_sq=vs, eps=1e-3, bias_correction2=0.37, impl=impl)
+        _assert_stats_close(stats, _direct_stats(params, p, grads, vs, 1e-3, 1e-3, 0.37), impl)
+        out[impl] = p
+    _assert_bitwise(out["triton"], out["torch"], "eps/bias_correction2")
+
+
+def test_numerics_of_metarm_md():
+    # metarm.md: weights ~N(0, .02^2), grads ~N(0, .01^2), eta = 5e-6: eta*g changes 0.06% of the
+    # weights in bf16, 0.46% in fp16, 98.9% in fp32; a sign step (d = g/sqrt(g^2)) of size eta
+    # changes 7.8% in bf16, 57% in fp16, 100% in fp32. The reference path runs 1M elements.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(1 << 20, generator=gen) * 0.02
+    g = torch.randn(1 << 20, generator=gen) * 0.01
+    expect = {FP32: (0.989, 1.0), FP16: (0.0046, 0.57), BF16: (0.0006, 0.078)}
+    for dtype, (plain, sign) in expect.items():
+        # .clone(): .to(float32) would return w and g themselves, and perturb_ writes into both.
+        stats = perturb_([w.to(dtype).clone()], [g.to(dtype).clone()], 5e-6, impl="torch")
+        assert stats.frac_changed == pytest.approx(plain, rel=0.15), (dtype, stats)
+        stats = perturb_([w.to(dtype).clone()], [g.to(dtype).clone()], 5e-6, exp_avg_sq=[g * g], eps=0.0, impl="torch")
+        assert stats.frac_changed == pytest.approx(sign, rel=0.05), (dtype, stats)
+    # With an fp32 master, a compute weight moves by one bf16 spacing with probability
+    # ~|e|/spacing: few weights move, each by far more than e, so the norm ratio exceeds 1.
+    small = slice(0, 1 << 16)
+    stats = perturb_([w[small].to(BF16)], [g[small]], 5e-6, masters=[w[small].clone()], impl="triton")
+    assert 0 < stats.frac_changed < 0.01 and stats.ratio > 1.0
+    # The same numbers on the Triton path, on a smaller tensor.
+    stats_t = perturb_([w[small].to(BF16)], [g[small].to(BF16)], 5e-6, impl="triton")
+    stats_r = perturb_([w[small].to(BF16)], [g[small].to(BF16)], 5e-6, impl="torch")
+    assert stats_t.changed == stats_r.changed and 0 < stats_t.frac_changed < 0.002
+    assert stats_t.ratio < 0.2  # bf16 without a master: most of the step vanished, and it says so
+
+
+def test_nonfinite_steps_are_skipped_and_counted():
+    p = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    for impl in ("torch", "triton"):
+        params, grads = [p.clone()], [torch.tensor([float("inf"), float("nan"), 1.0, 3e38])]
+        stats = perturb_(params, grads, 10.0, impl=impl)  # 10 * 3e38 overflows: not finite either
+        assert stats.nonfinite == 3 and stats.changed == 1, impl
+        assert torch.equal(params[0], torch.tensor([0.5, 0.5, 10.5, 0.5]))
+        assert stats.intended_sq == pytest.approx(100.0) and stats.ratio == pytest.approx(1.0)
+
+
+def test_stats_properties_and_empty():
+    assert PerturbStats(0, 0, 0.0, 0.0).frac_changed == 0.0
+    assert PerturbStats(10, 5, 0.0, 0.0).ratio == 0.0
+    assert PerturbStats(10, 5, 4.0, 1.0).ratio == 0.5 and PerturbStats(10, 5, 4.0, 1.0).frac_changed == 0.5
+    for impl in ("torch", "triton"):
+        assert perturb_([], [], 1e-3, impl=impl) == PerturbStats(0, 0, 0.0, 0.0, 0)
+        restore_([], [], impl=impl)
+        p, g = torch.zeros(0), torch.zeros(0)  # an empty tensor among others is skipped
+        stats = perturb_([p, torch.ones(3)], [g, torch.ones(3)], 0.25, impl=impl)
+        assert stats.numel == 3 and stats.changed == 3
+
+
+@pytest.mark.parametrize("impl", ("torch", "triton"))
+def test_master_mismatch_is_refused(impl):
+    w = [torch.randn(50) * 0.02, torch.randn(70) * 0.02]
+    params = [t.to(BF16) for t in w]
+    params[1][7] = params[1][7] + 1.0  # the compute copy no longer is round(master)
+    before = params[1][7].clone()
+    with pytest.raises(RuntimeError, match=r"params\[1\] is not the rounding of masters\[1\] at 1 elements"):
+        perturb_(params, [torch.randn(50), torch.randn(70)], 1.0, masters=w, impl=impl)
+    assert torch.equal(params[1][7], before)  # the mismatched element was left alone
+    restore_(params, None, masters=w, impl=impl)  # what the message suggests
+    _assert_bitwise(params, [t.to(BF16) for t in w], "re-cast")
+
+
+@pytest.mark.parametrize("impl", ("torch", "triton"))
+def test_nan_master_is_not_a_mismatch(impl):
+    # A NaN master and its NaN compute copy agree (NaN payload bits may differ between torch's
+    # cast and the kernel's rounding, so only NaN-ness is compared after the restore).
+    w = torch.tensor([0.5, float("nan"), -0.25])
+    params = [w.to(BF16)]
+    stats = perturb_(params, [torch.ones(3)], 0.5, masters=[w], impl=impl)
+    assert stats.changed == 2 and torch.isnan(params[0][1])
+    restore_(params, None, masters=[w], impl=impl)
+    assert torch.isnan(params[0][1]) and torch.equal(params[0][[0, 2]], w[[0, 2]].to(BF16))
+
+
+def test_zero_eta_changes_nothing():
+    params, grads, _, _ = _problem(BF16, BF16, False, False, special=False)
+    for impl in ("torch", "triton"):
+        p, g = _clone(params), _clone(grads)
+        stats = perturb_(p, g, 0.0, impl=impl)
+        assert stats.changed == 0 and stats.intended_sq == 0.0 and stats.ratio == 0.0
+        _assert_bitwise(p, params, impl)
+        assert all((gi == 0).all() for gi in g)
+
+
+def _bad_calls():
+    p = [torch.zeros(4), torch.zeros(3)]
+    g = [torch.zeros(4), torch.zeros(3)]
+    ok_m = [torch.zeros(4), torch.zeros(3)]
+    return {
+        "grads length": (lambda impl: perturb_(p, g[:1], 1e-3, impl=impl), ValueError, "grads has 1 entries"),
+        "shape": (lambda impl: perturb_(p, [torch.zeros(4), torch.zeros(4)], 1e-3, impl=impl), ValueError, r"grads\[1\] has shape"),
+        "device": (lambda impl: perturb_(p, [torch.zeros(4), torch.zeros(3, device="meta")], 1e-3, impl="torch"), ValueError, "meta"),
+        "param dtype": (lambda impl: perturb_([torch.zeros(4, dtype=torch.float64)], [torch.zeros(4)], 1e-3, impl=impl), ValueError, "dtype"),
+        "grad dtype": (lambda impl: perturb_([torch.zeros(4)], [torch.zeros(4, dtype=torch.int32)], 1e-3, impl=impl), ValueError, "dtype"),
+        "master dtype": (lambda impl: perturb_([torch.zeros(4, dtype=BF16)], [torch.zeros(4)], 1e-3, masters=[torch.zeros(4, dtype=BF16)], impl=impl), ValueError, r"masters\[0\] has dtype"),
+        "masters length": (lambda impl: perturb_(p, g, 1e-3, masters=ok_m[:1], impl=impl), ValueError, "masters has 1"),
+        "v dtype": (lambda impl: perturb_(p, g, 1e-3, exp_avg_sq=[torch.zeros(4, dtype=BF16), None], impl=impl), ValueError, "exp_avg_sq"),
+        "v length": (lambda impl: perturb_(p, g, 1e-3, exp_avg_sq=[None], impl=impl), ValueError, "exp_avg_sq has 1"),
+        "param strided": (lambda impl: perturb_([torch.zeros(4, 2)[:, 0]], [torch.zeros(4)], 1e-3, impl=impl), ValueError, "not contiguous"),
+        "grad strided": (lambda impl: perturb_([torch.zeros(4)], [torch.zeros(8)[::2]], 1e-3, impl=impl), ValueError, "not contiguous"),
+        "master strided": (lambda impl: perturb_([torch.zeros(4, dtype=BF16)], [torch.zeros(4)], 1e-3, masters=[torch.zeros(8)[::2]], impl=impl), ValueError, "not contiguous"),
+        "eta nan": (lambda impl: perturb_(p, g, float("nan"), impl=impl), ValueError, "eta must be finite"),
+        "eta inf": (lambda impl: perturb_(p, g, float("inf"), impl=impl), ValueError, "eta must be finite"),
+        "eta tensor": (lambda impl: perturb_(p, g, torch.tensor(1.0), impl=impl), TypeError, "eta must be a float"),
+        "eps negative": (lambda impl: perturb_(p, g, 1e-3, eps=-1.0, impl=impl), ValueError, "eps"),
+        "bias correction": (lambda impl: perturb_(p, g, 1e-3, bias_correction2=0.0, impl=impl), ValueError, "bias_correction2"),
+        "params twice": (lambda impl: perturb_([p[0], p[0]], [g[0], g[1]], 1e-3, impl=impl), ValueError, "shares memory"),
+        "grad is param": (lambda impl: perturb_(p, p, 1e-3, impl=impl), ValueError, "same memory"),
+        "params not a list": (lambda impl: perturb_(p[0], g[0], 1e-3, impl=impl), TypeError, "list"),
+        "restore without deltas": (lambda impl: restore_(p, None, impl=impl), ValueError, "deltas"),
+        "restore deltas length": (lambda impl: restore_(p, g[:1], impl=impl), ValueError, "deltas has 1"),
+        "restore master shape": (lambda impl: restore_(p, None, masters=[torch.zeros(4), torch.zeros(4)], impl=impl), ValueError, "shape"),
+        "impl": (lambda impl: perturb_(p, g, 1e-3, impl="cuda"), ValueError, "impl must be one of"),
+    }
+
+
+BAD = _bad_calls()
+
+
+@pytest.mark.parametrize("impl", ("torch", "triton"))
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs(case, impl):
+    call, error, match = BAD[case]
+    with pytest.raises(error, match=match):
+        call(impl)
+
+
+def test_launchers_check_inputs_themselves():
+    with pytest.raises(ValueError, match="grads has 0 entries"):
+        perturb_triton_([torch.zeros(2)], [], 1e-3)
+    with pytest.raises(ValueError, match="deltas"):
+        restore_triton_([torch.zeros(2)], None)
+    with pytest.raises(ValueError, match="grads has 0 entries"):
+        perturb_reference_([torch.zeros(2)], [], 1e-3)
+    with pytest.raises(ValueError, match="deltas"):
+        restore_reference_([torch.zeros(2)], None)
+
+
+def test_compiles_for_a100():
+    sig = {"P_ADDR_ptr": "*i64", "G_ADDR_ptr": "*i64", "M_ADDR_ptr": "*i64", "V_ADDR_ptr": "*i64",
+           "NUMEL_ptr": "*i64", "CHUNK_TENSOR_ptr": "*i32", "CHUNK_START_ptr": "*i64", "STATS_ptr": "*fp64",
+           "num_chunks": "i32", "eta": "fp32", "eps": "fp32", "bias_correction2": "fp32",
+           "P_KIND": "constexpr", "G_KIND": "constexpr", "HAS_MASTER": "constexpr", "HAS_V": "constexpr",
+           "BLOCK_SIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr"}
+    rsig = {"P_ADDR_ptr": "*i64", "Z_ADDR_ptr": "*i64", "M_ADDR_ptr": "*i64", "NUMEL_ptr": "*i64",
+            "CHUNK_TENSOR_ptr": "*i32", "CHUNK_START_ptr": "*i64", "P_KIND": "constexpr", "Z_KIND": "constexpr",
+            "HAS_MASTER": "constexpr", "BLOCK_SIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr"}
+    common = {"BLOCK_SIZE": 1024, "BLOCKS_PER_PROGRAM": 8}
+    specs = []
+    for kind in (0, 1, 2):
+        for master in (False, True):
+            for has_v in (False, True):
+                specs.append({"module": "metarm_fast.kernels.perturb", "kernel": "_perturb_kernel", "signature": sig,
+                              "constexprs": {"P_KIND": kind, "G_KIND": kind, "HAS_MASTER": master, "HAS_V": has_v, **common},
+                              "options": {"enable_fp_fusion": False}})
+            specs.append({"module": "metarm_fast.kernels.perturb", "kernel": "_restore_kernel", "signature": rsig,
+                          "constexprs": {"P_KIND": kind, "Z_KIND": kind, "HAS_MASTER": master, **common},
+                          "options": {"enable_fp_fusion": False}})
+    for spec, result in zip(specs, compile_for_sm80(specs)):
+        assert result["cubin_bytes"] > 0
+        # Bitwise agreement with the torch reference needs unfused multiply-adds and IEEE sqrt/div.
+        assert result["count"]["fma.rn.f32"] == 0, result
+        if spec["constexprs"].get("HAS_V"):
+            assert result["count"]["sqrt.rn.f32"] > 0 and result["count"]["div.rn.f32"] > 0, result
