@@ -98,3 +98,37 @@ def test_bad_settings_are_named():
         TrainConfig(batch_size=0).resolved()
     with pytest.raises(ValueError, match="meta-data"):
         TrainConfig(method="metarm", train_data="pairs.jsonl").resolved()
+
+
+@pytest.mark.parametrize("optimizer,precision", [("adamw8bit", "fp32"), ("adamw", "bf16"), ("adamw8bit", "bf16-master")])
+def test_optimizers_and_precisions_train(tmp_path, optimizer, precision):
+    tr = RewardTrainer(tiny_config(tmp_path, optimizer=optimizer, precision=precision, max_steps=40, batch_size=8, lr=3e-3))
+    first = tr.evaluate()
+    s = tr.train()
+    assert s["eval"]["accuracy"] > first["accuracy"] + 0.05, (first, s["eval"])
+    assert all(torch.isfinite(p).all() for p in tr.params)
+
+
+def test_cli_metarm_run_with_a_meta_set_file(tmp_path, capsys):
+    from metarm_fast.synthetic import SyntheticTask
+
+    task = SyntheticTask(0)
+    train = tmp_path / "pairs.jsonl"
+    train.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                             for p in task.pairs("train", n=24)))
+    meta = tmp_path / "meta.jsonl"
+    groups = task.meta_groups(m=6, k=3)
+    # k may differ from prompt to prompt
+    rows = [{"prompt": g.prompt, "responses": list(g.responses[: 1 + i % 3])} for i, g in enumerate(groups)]
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    code = main(["train", "--method", "metarm", "--train-data", str(train), "--eval-data", str(train),
+                 "--meta-data", str(meta), "--tokenizer", "", "--output-dir", str(out), "--max-steps", "3",
+                 "--batch-size", "4", "--meta-batch-size", "3", "--eta", "1e-3", "--no-progress"])
+    assert code == 0
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    step = lines[0]
+    for key in ("loss", "J", "accuracy", "meta_frac_changed", "meta_realised_ratio", "meta_gaps"):
+        assert key in step, key
+    assert (out / "meta_reward_gaps.png").stat().st_size > 1000
+    assert "meta reward gap" in capsys.readouterr().out
