@@ -40,6 +40,7 @@ class TrainConfig:
     max_records: int | None = _f(None, "read at most this many records of each data source")
     max_length: int = _f(512, "tokens per sequence; longer pairs lose the start of their prompt")
     chat_template: str = _f("auto", "use the tokenizer's chat template: auto (when it has one), never, always", ("auto", "never", "always"))
+    packing: str = _f("none", "batch layout: none (padded), pack (sequences end to end, no padding), share-prompt (each prompt once, its responses after it)", ("none", "pack", "share-prompt"))
     padding_side: str = _f("right", "where padding goes (rewards are read by position either way)", ("right", "left"))
     # -- optimisation ---------------------------------------------------------------------------
     batch_size: int = _f(8, "preference pairs per micro-batch")

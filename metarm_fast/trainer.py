@@ -254,19 +254,35 @@ class RewardTrainer:
         return m
 
     def _optimizer_step(self) -> float:
-        grads_of = self.opt_params
-        if self.masters is not None:
-            for p, mp in zip(self.params, self.masters):
-                mp.grad = p.grad.float()
-        norm = torch.nn.utils.clip_grad_norm_(grads_of, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf"))
-        self.optimizer.step()
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        if self.masters is None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            self.optimizer.step()
+        else:
+            norm = self._master_step(max_norm)
         self.scheduler.step()
-        if self.masters is not None:
-            with torch.no_grad():
-                for p, mp in zip(self.params, self.masters):
-                    p.copy_(mp)  # the compute copy is always exactly round(master)
-                    mp.grad = None
-        return float(norm)
+        return norm
+
+    @torch.no_grad()
+    def _master_step(self, max_norm: float) -> float:
+        """Update the fp32 masters one tensor at a time from the bf16 gradients.
+
+        Casting every gradient to fp32 at once would hold 4 more bytes per parameter during the step
+        (26 GB for a 7B model). The optimizers used here (torch AdamW, bitsandbytes' 8-bit AdamW) skip
+        parameters whose .grad is None and keep per-parameter state, so stepping with one master
+        gradient set at a time is the same update.
+        """
+        # The norm as torch's clip_grad_norm_ forms it (norm of per-tensor norms), one fp32 tensor at a time.
+        norms = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params])
+        total = torch.linalg.vector_norm(norms)
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p, mp in zip(self.params, self.masters):
+            mp.grad = p.grad.float()
+            mp.grad.mul_(scale)
+            self.optimizer.step()
+            mp.grad = None
+            p.copy_(mp)  # the compute copy is always exactly round(master)
+        return float(total)
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -369,7 +385,7 @@ class RewardTrainer:
 
 class _NonFinite(Exception):
     def __init__(self, what: str, value):
-        super().__init__(f"non-finite {what} ({float(value)})")
+        super().__init__(f"non-finite {what} ({float(value.detach())})")
 
 
 def pair_metrics(rc: torch.Tensor, rr: torch.Tensor) -> dict:

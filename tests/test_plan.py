@@ -1,0 +1,155 @@
+"""bench/plan.py: the memory items of docs/metarm.md, the activation formula against what torch saves,
+the recommendation, and the --validate path against a CPU measurement on a small model."""
+import json
+
+import pytest
+import torch
+
+from bench import plan
+from metarm_fast.model import build_tiny_llama, compute_rewards
+
+GB = 1e9
+
+
+def _args(*extra):
+    a = plan.build_parser().parse_args(["--model", "llama-2-7b", "--gpu", "a100-80g", "--batch", "16", "--max-length", "1024", *extra])
+    a.meta_prompts = a.meta_prompts or a.batch
+    return a
+
+
+def _rows(*extra):
+    return plan.plan(_args(*extra))
+
+
+def test_llama2_7b_parameter_count_is_the_reward_models():
+    s = plan.MODELS["llama-2-7b"]
+    assert s.counted_params() == 6_607_347_712
+    # docs/metarm.md's 6.74e9 is the causal LM's count: an LM head (vocab x hidden) instead of the score head.
+    assert s.counted_params() - s.hidden + s.vocab * s.hidden == 6_738_415_616
+
+
+def test_7b_memory_items_match_metarm_md_table():
+    p = _rows("--params", "6.74e9")
+    items = {}
+    for r in p["rows"]:
+        items.update(r["memory_items_GB"])
+    assert round(items["bf16 compute weights"], 1) == 13.5
+    assert round(items["fp32 master weights"], 1) == 27.0
+    assert round(items["bf16 gradients"], 1) == 13.5
+    assert round(items["copy-based backup (fp32)"], 1) == 27.0
+    r8 = next(r for r in p["rows"] if r["optimizer"] == "adamw8bit")
+    ra = next(r for r in p["rows"] if r["optimizer"] == "adamw")
+    assert round(r8["memory_items_GB"]["optimizer states"], 1) == 13.5
+    before_acts = sum(r8["memory_items_GB"][k] for k in ("bf16 compute weights", "fp32 master weights", "bf16 gradients", "optimizer states"))
+    assert round(before_acts, 1) == 67.4  # "total before activations | 10 | 67.4"
+    extra = ra["memory_items_GB"]["optimizer states"] - r8["memory_items_GB"]["optimizer states"]
+    assert round(extra, 1) == 40.4  # "torch AdamW fp32 states instead | +40.4"
+
+
+@pytest.mark.parametrize("cast", ["all", "per-tensor"])
+def test_torch_adamw_with_copy_based_meta_step_never_fits_80gb(cast):
+    rows = _rows("--master-grad-cast", cast)["rows"]
+    sel = [r for r in rows if r["optimizer"] == "adamw" and r["step"] == "metarm-copy"]
+    assert len(sel) == 8 and not any(r["fits"] for r in sel)
+    assert all(r["memory_GB"] > 80 * 2**30 / GB for r in sel)
+
+
+def test_recommended_combination_fits_and_is_the_fastest_that_does():
+    p = _rows("--master-grad-cast", "per-tensor")
+    rec = p["recommended"]
+    assert rec is not None and rec["fits"] and rec["recommended"]
+    assert rec["memory_GB"] * GB <= plan.usable_memory(p["gpu"], _args())
+    fitting = [r for r in p["rows"] if r["step"].startswith("metarm") and r["fits"]]
+    assert rec["step_s"] == min(r["step_s"] for r in fitting)
+    assert (rec["step"], rec["optimizer"], rec["checkpointing"]) == ("metarm-inplace", "adamw8bit", True)
+
+
+def test_trainer_as_written_fits_nothing_because_of_the_fp32_gradient_cast():
+    # trainer.py casts every bf16 gradient to fp32 before the optimizer step: +4 B/param at once.
+    p = _rows()
+    assert p["recommended"] is None
+    assert all(r["peak_phase"] == "optimizer step" for r in p["rows"] if r["optimizer"] == "adamw8bit" and r["checkpointing"])
+    assert p["recommended_per_tensor_cast"]["fits"]
+
+
+def test_flops_formula_for_a_padded_pass():
+    s = plan.MODELS["llama-2-7b"]
+    g = plan.pass_geometry(16, 2, 1024, pack=False, share=False, r_pack=0.39, r_share=0.25)
+    f = plan.pass_flops(s, g, ckpt=False)
+    n_mm = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 4096
+    assert f["dense"] == 6 * n_mm * 32 * 1024
+    assert f["attention"] == 12 * 32 * 4096 * 32 * 1024**2
+    fc = plan.pass_flops(s, g, ckpt=True)
+    assert fc["dense"] == 8 * n_mm * 32 * 1024 and fc["attention"] == 16 * 32 * 4096 * 32 * 1024**2
+
+
+def test_shared_ratios_reproduce_the_readme_lengths():
+    p, r = plan.split_ratios(0.39, 0.25)
+    assert p == pytest.approx(0.28) and r == pytest.approx(0.11)  # 110 + 46 tokens of a 400-token padded sequence
+    g = plan.pass_geometry(8, 2, 400, pack=True, share=True, r_pack=0.39, r_share=0.25)
+    assert g.tokens == pytest.approx(0.25 * 8 * 2 * 400)
+    with pytest.raises(ValueError):
+        plan.split_ratios(0.39, 0.1)
+
+
+def _saved_bytes(model, batch):
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        compute_rewards(model, batch)
+    return sum(seen.values())
+
+
+def _batch(lengths, vocab):
+    b, t = len(lengths), max(lengths)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (b, t), generator=g)
+    mask = torch.zeros(b, t, dtype=torch.long)
+    pos = torch.zeros(b, t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        pos[i, :n] = torch.arange(n)
+        ids[i, n:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "last_index": torch.tensor(lengths) - 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [[7, 13, 5, 13], [11, 11, 11]], ids=["padded", "unpadded"])
+def test_activation_formula_counts_exactly_what_torch_saves(dtype, lengths):
+    torch.manual_seed(0)
+    model = build_tiny_llama(50, 0, layers=3, hidden=96).to(dtype).train()  # 4 heads, 2 kv heads, head dim 24
+    batch = _batch(lengths, 50)
+    c = model.config
+    shape = plan.Shape("t", c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+                       c.intermediate_size, c.vocab_size)
+    geo = plan._geometry_of(batch, rows_repeat_kv=True)
+    predicted = plan.model_saved_bytes(shape, geo, 4 if dtype == torch.float32 else 2)["total"]
+    assert _saved_bytes(model, batch) == predicted
+
+
+def test_validate_predicts_the_measured_peak_on_a_small_model():
+    rows = plan.validate(hidden=128, layers=2, checks=["fp32"], log=lambda *a: None)
+    assert {r["step"] for r in rows} == {"vanilla", "metarm", "copy-based"}
+    for r in rows:
+        assert abs(r["error"]) <= 0.15, r
+        assert r["standing_predicted_MiB"] == pytest.approx(r["standing_measured_MiB"], rel=1e-3)
+
+
+def test_cli_writes_json_rows_and_takes_a_custom_shape(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert plan.main(["--model", "custom", "--hidden", "2048", "--layers", "16", "--heads", "16", "--kv-heads", "4",
+                      "--intermediate", "5632", "--vocab", "32000", "--gpu", "h100-80g", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 48 and data["gpu"]["name"] == "H100-SXM-80GB"
+    assert sum(r["recommended"] for r in data["rows"]) <= 1
+    assert "Recommended for one" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        plan.main(["--model", "custom", "--hidden", "2048"])
