@@ -29,9 +29,9 @@ not the 6.74e9 of the causal LM; `--params` overrides).
 The peak is the larger of two phases:
 - backward: standing + activations saved for backward + the backward working set (below);
 - optimizer step: standing + the fp32 gradients of the masters + the optimizer's temporaries.
-  The trainer (trainer.py `_optimizer_step`) casts every bf16 gradient to fp32 before clipping and
-  stepping: 4 B/param all at once (`--master-grad-cast all`, the default, i.e. the code as written).
-  `per-tensor` models casting each gradient just before its own update (one tensor of 4 B/element).
+  The trainer (trainer.py `_master_step`) casts each bf16 gradient to fp32 just before its own
+  update: one tensor of 4 B/element at a time (`--master-grad-cast per-tensor`, the default, i.e. the
+  code as written). `all` models casting every gradient at once (+4 B/param), as a naive trainer does.
   torch AdamW (single-tensor, as the trainer builds it) makes two temporaries the size of the
   largest parameter (sqrt(v), then its quotient); the 8-bit optimizer's fused kernel makes none.
 
@@ -687,9 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mfu", type=float, default=0.4, help="utilisation of the bf16 peak by the executed FLOPs")
     ap.add_argument("--hbm-efficiency", type=float, default=0.8, help="fraction of the HBM bandwidth the elementwise "
                                                                       "optimizer and meta-step kernels reach")
-    ap.add_argument("--master-grad-cast", default="all", choices=("all", "per-tensor"),
-                    help="all: the trainer as written casts every bf16 gradient to fp32 before the optimizer step "
-                         "(+4 B/param); per-tensor: each one just before its own update")
+    ap.add_argument("--master-grad-cast", default="per-tensor", choices=("all", "per-tensor"),
+                    help="per-tensor: each bf16 gradient cast to fp32 just before its own update (the trainer as "
+                         "written); all: every one cast before the step (+4 B/param)")
     ap.add_argument("--reserve-gb", type=float, default=1.5, help="GPU memory torch's allocator cannot use (CUDA context, "
                                                                   "cuBLAS and NCCL workspaces)")
     ap.add_argument("--headroom", type=float, default=0.05, help="fraction kept free for allocator fragmentation")
