@@ -27,7 +27,7 @@ class TrainConfig:
     tokenizer: str | None = _f(None, "tokenizer directory or hub name; default: the model's own (the synthetic task's for tiny-llama)")
     tiny_layers: int = _f(2, "tiny-llama: decoder layers")
     tiny_hidden: int = _f(64, "tiny-llama: hidden size")
-    attn_implementation: str = _f("sdpa", "attention backend passed to transformers (sdpa has a flash kernel on the CPU)")
+    attn_implementation: str = _f("auto", "attention backend: auto (by device, layout and what is installed), or sdpa, eager, flex_attention, flash_attention_2, blockwise")
     # -- data -----------------------------------------------------------------------------------
     train_data: str = _f(SYNTHETIC, "preference pairs: a .jsonl/.json/.parquet file (gz ok), a hub dataset, or 'synthetic'")
     eval_data: str | None = _f(None, "held-out pairs; default: the synthetic eval split when training on 'synthetic'")

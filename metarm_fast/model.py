@@ -15,6 +15,31 @@ from metarm_fast.config import TINY_MODEL, TrainConfig
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-master": torch.bfloat16}
 
 
+def choose_attention(cfg: TrainConfig) -> str:
+    """The attention backend, from the device, what is installed and the batch layout; or the override.
+
+    CPU: torch SDPA (its flash kernel) for padded batches; for packed batches SDPA run block by block
+    (metarm_fast.packing.BLOCKWISE_SDPA: a dense T x T mask makes the CPU kernel compute every tile).
+    GPU: FlashAttention 2 when flash-attn is installed and the layout is padded or packed without
+    prompt sharing (varlen); block-wise SDPA for prompt sharing; SDPA otherwise.
+    `--attn-implementation blockwise` names the block-wise backend explicitly.
+    """
+    from metarm_fast.packing import register_blockwise_sdpa
+
+    impl = cfg.attn_implementation
+    if impl == "blockwise":
+        return register_blockwise_sdpa()
+    if impl != "auto":
+        return impl
+    if torch.cuda.is_available():
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None and cfg.packing != "share-prompt":
+            return "flash_attention_2"
+        return register_blockwise_sdpa() if cfg.packing != "none" else "sdpa"
+    return register_blockwise_sdpa() if cfg.packing != "none" else "sdpa"
+
+
 def build_tiny_llama(vocab_size: int, pad_token_id: int, layers: int = 2, hidden: int = 64, attn: str = "sdpa"):
     """A small random Llama-shaped reward model, built offline in well under a second."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -64,14 +89,16 @@ def load_model(cfg: TrainConfig, tokenizer) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
     dtype = _DTYPES[cfg.precision]
+    attn = choose_attention(cfg)
     if cfg.model == TINY_MODEL:
         torch.manual_seed(cfg.seed)
-        model = build_tiny_llama(len(tokenizer), tokenizer.pad_token_id, cfg.tiny_layers, cfg.tiny_hidden, cfg.attn_implementation)
+        model = build_tiny_llama(len(tokenizer), tokenizer.pad_token_id, cfg.tiny_layers, cfg.tiny_hidden, attn)
         model = model.to(dtype)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.model, num_labels=1, dtype=dtype, attn_implementation=cfg.attn_implementation
-        )
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1, dtype=dtype, attn_implementation=attn)
+    if cfg.packing != "none" and _last_token_head(model) is None:
+        raise ValueError(f"model {cfg.model}: --packing {cfg.packing} needs a decoder reward model (a last-token "
+                         "`score` head); encoders such as BERT pool [CLS] over the whole row: use --packing none")
     if model.config.num_labels != 1:
         raise ValueError(f"model {cfg.model}: a reward model needs one output, it has num_labels={model.config.num_labels}")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -86,6 +113,20 @@ def _last_token_head(model: nn.Module) -> nn.Module | None:
     """The linear head of decoder reward models (Llama, Mistral, Qwen, GPT-2...: `score`); None for encoders."""
     head = getattr(model, "score", None)
     return head if isinstance(head, nn.Module) else None
+
+
+def score_batch(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Rewards of a padded (collate) or packed (packing.pack) batch, in the batch's own order.
+
+    Packed pairs come out of the model as [c1, r1, c2, r2, ...]; `pairs` in the batch asks for the
+    trainer's [c1..cn, r1..rn], so every loss sees the same rewards in the same order whatever the layout.
+    """
+    if "seq_ids" in batch:
+        from metarm_fast.packing import compute_rewards_packed, pair_layout
+
+        r = compute_rewards_packed(model, batch)
+        return pair_layout(r) if batch.get("pairs") else r
+    return compute_rewards(model, batch)
 
 
 def compute_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import copy
 import torch
 
 from metarm_fast.kernels import bt_loss, difference_loss
-from metarm_fast.model import compute_rewards
+from metarm_fast.model import score_batch
 
 
 def copy_based_meta_step(trainer, micro_batches, meta_groups) -> dict:
@@ -19,7 +19,7 @@ def copy_based_meta_step(trainer, micro_batches, meta_groups) -> dict:
     cfg = trainer.cfg
     shadow = copy.deepcopy(trainer.model)  # the full extra copy the in-place step avoids
     meta = trainer.meta_batch(meta_groups)
-    j = difference_loss(compute_rewards(shadow, meta), meta["offsets"], impl="torch")
+    j = difference_loss(score_batch(shadow, meta), meta["offsets"], impl="torch")
     grads_j = torch.autograd.grad(j, list(shadow.parameters()))
     with torch.no_grad():
         for p, g in zip(shadow.parameters(), grads_j):
@@ -29,7 +29,7 @@ def copy_based_meta_step(trainer, micro_batches, meta_groups) -> dict:
     loss_sum = 0.0
     for items in micro_batches:
         batch = trainer.pair_batch(items)
-        r = compute_rewards(shadow, batch)
+        r = score_batch(shadow, batch)
         n = len(items)
         loss = bt_loss(r[:n], r[n:], margin=batch.get("margin"), center_coef=cfg.center_coef, impl="torch")
         (loss * (n / total)).backward()

@@ -29,7 +29,7 @@ from metarm_fast.meta_step import (
     second_order_correction_,
     vanished,
 )
-from metarm_fast.model import compute_rewards, load_model, load_tokenizer
+from metarm_fast.model import load_model, load_tokenizer, score_batch
 from metarm_fast.sources import meta_source, pair_source
 
 
@@ -53,6 +53,7 @@ class RewardTrainer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(cfg)
         self.model = load_model(cfg, self.tokenizer).to(self.device)
+        log(f"metarm-fast: attention {self.model.config._attn_implementation}, packing {cfg.packing}, device {self.device}")
         self.model.train()
         self.encoder = Encoder(self.tokenizer, cfg.max_length, chat_template=cfg.chat_template)
         self.reports = []
@@ -127,16 +128,28 @@ class RewardTrainer:
 
     # -- batches ---------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _pack(self, groups) -> dict:
+        from metarm_fast.packing import pack
+
+        dense = self.model.config._attn_implementation in ("sdpa", "eager")
+        return pack(groups, share_prompt=self.cfg.packing == "share-prompt", dense_mask=dense)
 
     def pair_batch(self, items: list[EncodedPair]) -> dict:
-        seqs = [it.chosen for it in items] + [it.rejected for it in items]
-        batch = self._to_device(collate(seqs, self.tokenizer.pad_token_id, self.cfg.padding_side))
+        if self.cfg.packing != "none":
+            batch = self._to_device(self._pack([[it.chosen, it.rejected] for it in items]))
+            batch["pairs"] = True  # score_batch returns [chosen..., rejected...]
+        else:
+            seqs = [it.chosen for it in items] + [it.rejected for it in items]
+            batch = self._to_device(collate(seqs, self.tokenizer.pad_token_id, self.cfg.padding_side))
         if any(it.margin is not None for it in items):
             batch["margin"] = torch.tensor([it.margin or 0.0 for it in items], device=self.device)
         return batch
 
     def meta_batch(self, groups: list[list]) -> dict:
+        if self.cfg.packing != "none":
+            return self._to_device(self._pack(groups))  # carries `offsets` already
         seqs = [s for g in groups for s in g]
         batch = self._to_device(collate(seqs, self.tokenizer.pad_token_id, self.cfg.padding_side))
         sizes = torch.tensor([len(g) for g in groups])
@@ -165,13 +178,13 @@ class RewardTrainer:
 
     # -- losses ----------------------------------------------------------------------------------
     def pair_loss(self, batch: dict):
-        r = compute_rewards(self.model, batch)
+        r = score_batch(self.model, batch)
         n = r.shape[0] // 2
         loss = bt_loss(r[:n], r[n:], margin=batch.get("margin"), center_coef=self.cfg.center_coef)
         return loss, r[:n].detach(), r[n:].detach()
 
     def meta_objective(self, batch: dict):
-        r = compute_rewards(self.model, batch)
+        r = score_batch(self.model, batch)
         return difference_loss(r, batch["offsets"]), r.detach()
 
     def _l_pass(self, micro_batches, use_hooks_restorer=None) -> dict:
@@ -292,7 +305,7 @@ class RewardTrainer:
         bs = self.cfg.eval_batch_size
         for i in range(0, len(pairs), bs):
             items = pairs[i : i + bs]
-            r = compute_rewards(self.model, self.pair_batch(items))
+            r = score_batch(self.model, self.pair_batch(items))
             rc.append(r[: len(items)])
             rr.append(r[len(items) :])
         self.model.train()
@@ -309,7 +322,7 @@ class RewardTrainer:
         gaps = []
         for i in range(0, min(len(self.meta_groups), max_groups), self.cfg.meta_batch_size):
             batch = self.meta_batch(self.meta_groups[i : min(i + self.cfg.meta_batch_size, max_groups)])
-            gaps.append(_group_gaps(compute_rewards(self.model, batch), batch["offsets"]).cpu())
+            gaps.append(_group_gaps(score_batch(self.model, batch), batch["offsets"]).cpu())
         self.model.train()
         return torch.cat(gaps)
 
