@@ -1,0 +1,87 @@
+"""bench.throughput end to end on a tiny setup: every requested row exists with positive numbers, the
+targets are computed, and the results file carries the environment."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+
+import pytest
+
+from bench import throughput
+
+HAS_TRL = importlib.util.find_spec("trl") is not None
+TINY = ["--hidden", "32", "--layers", "2", "--steps", "2", "--warmup", "1", "--batch", "4",
+        "--max-records", "48", "--max-length", "48", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "throughput.json"
+    methods = "vanilla,metarm,copy" + (",trl" if HAS_TRL else "")
+    result = throughput.main(TINY + ["--packing", "none,pack,share-prompt", "--methods", methods, "--out", str(out)])
+    return result, out
+
+
+def _positive(row: dict) -> None:
+    for key in ("step_s", "pairs_per_s", "tokens_computed_per_s", "tokens_padded_per_s", "achieved_flops_per_s"):
+        s = row[key]
+        assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["max"], (row["method"], key, s)
+    assert row["tokens_computed_per_step"] > 0 and row["tokens_padded_per_step"] > 0
+    assert row["tokens_computed_per_step"] <= row["tokens_padded_per_step"]
+    assert row["pairs_per_step"] == 4
+
+
+def test_every_requested_row_has_positive_numbers(run):
+    result, _ = run
+    rows = {(r["method"], r["packing"]): r for r in result["rows"]}
+    skipped = {s["runner"] for s in result["skipped"]}
+    expected = ["vanilla", "metarm", "copy", "metarm-parts"] + (["trl"] if HAS_TRL else [])
+    for method in expected:  # padded: every method must have run
+        assert (method, "none") in rows, (method, result["skipped"])
+        _positive(rows[(method, "none")])
+        if method != "metarm-parts":
+            assert rows[(method, "none")]["peak_bytes"] > 0
+    for packing in ("pack", "share-prompt"):  # a packed mode: a row, or a reason it is left out
+        for method in ("vanilla", "metarm", "copy", "metarm-parts"):
+            if (method, packing) in rows:
+                _positive(rows[(method, packing)])
+            else:
+                assert f"{method}[{packing}]" in skipped, (method, packing, result["skipped"])
+    parts = rows[("metarm-parts", "none")]
+    assert all(parts[f"{k}_s"]["median"] > 0 for k in ("J", "L", "opt"))
+    # the padded MetaRM step runs the model on twice the tokens of the vanilla step (meta + L pass)
+    assert rows[("metarm", "none")]["tokens_computed_per_step"] == 2 * rows[("vanilla", "none")]["tokens_computed_per_step"]
+    if HAS_TRL:  # TRL ran on the very same padded batches
+        assert rows[("trl", "none")]["tokens_computed_per_step"] == rows[("vanilla", "none")]["tokens_computed_per_step"]
+        assert rows[("trl", "none")]["attn_implementation"] == rows[("vanilla", "none")]["attn_implementation"]
+
+
+def test_targets_and_environment_written(run, tmp_path):
+    result, out = run
+    names = {(t["target"], t["packing"]) for t in result["targets"]}
+    assert ("MetaRM time / (J + L + opt)", "none") in names
+    for t in result["targets"]:
+        assert t["verdict"] in ("PASS", "FAIL", "n/a")
+        if HAS_TRL or t["target"].startswith("MetaRM time"):
+            assert t["value"] > 0 and t["verdict"] != "n/a"
+    data = json.loads(out.read_text())
+    env = data["environment"]
+    for key in ("device", "torch", "transformers", "trl", "commit", "loadavg_start", "loadavg_end", "torch_threads"):
+        assert key in env, key
+    assert env["torch"] and env["transformers"]
+    assert data["rows"] and data["targets"]
+    # the same results as CSV: one line per row and per target, each with the environment
+    path = tmp_path / "throughput.csv"
+    throughput.write_results(result, str(path))
+    lines = list(csv.DictReader(path.open()))
+    assert sum(line["kind"] == "step" for line in lines) == len(result["rows"])
+    assert sum(line["kind"] == "target" for line in lines) == len(result["targets"])
+    assert all(line["env_torch"] == env["torch"] for line in lines)
+
+
+def test_bad_flags_are_refused():
+    with pytest.raises(SystemExit):
+        throughput.main(["--methods", "vanilla,nope"])
+    with pytest.raises(SystemExit):
+        throughput.main(["--packing", "zip"])
