@@ -149,38 +149,76 @@ def perturb_reference_(
             if param.numel() == 0:
                 continue
             v = exp_avg_sq[i] if exp_avg_sq is not None else None
-            p = param.float()
-            e = _direction_reference(grad, v, eps, bias_correction2) * eta32.to(param.device)
-            e_finite = torch.isfinite(e)
-            if masters is None:
-                s = (p + e).to(param.dtype).float()
-                z = (s - p).to(grad.dtype)
-                z32 = z.float()
-                new = (p + z32).to(param.dtype)
-                back = (new.float() - z32).to(param.dtype)
-                ok = (z32 != 0) & torch.isfinite(new) & (new.float() != p) & (_bits(back) == _bits(param))
-            else:
-                w = masters[i]
-                mismatch = (_bits(w.to(param.dtype)) != _bits(param)) & ~(torch.isnan(w) & torch.isnan(p))
-                n_mismatch = int(mismatch.sum())
-                if n_mismatch:
-                    mismatches.append((i, n_mismatch))
-                new = (w + e).to(param.dtype)
-                ok = e_finite & torch.isfinite(new) & (new.float() != p) & ~mismatch
-            # fp64, as in the kernel: exact differences, squares that cannot overflow or underflow.
-            delta = torch.where(ok, new.double() - p.double(), 0.0)  # before p is overwritten
-            e64 = torch.where(e_finite, e, 0.0).double()
             numel += param.numel()
-            changed += int(ok.sum())
-            nonfinite += int((~e_finite).sum())
-            intended_sq += float((e64 * e64).sum())
-            realised_sq += float((delta * delta).sum())
-            param.copy_(torch.where(ok, new, param))
-            if masters is None:
-                grad.copy_(torch.where(ok, z, torch.zeros_like(z)))
+            rows = _sparse_rows(grad) if masters is None else None
+            if rows is not None:
+                # Row-sparse J gradient (an embedding: only the tokens of the meta batch have one). A
+                # zero-gradient element has e = 0, so it is never perturbed and its stored step is +0:
+                # work on the non-zero rows only, and write +0 into the others' gradient buffer.
+                p2, g2 = param.view(param.shape[0], -1), grad.view(grad.shape[0], -1)
+                v2 = v.view(v.shape[0], -1).index_select(0, rows) if v is not None else None
+                p_sub, g_sub = p2.index_select(0, rows), g2.index_select(0, rows)
+                c, nf, isq, rsq = _perturb_block_(p_sub, g_sub, v2, None, eta32, eps, bias_correction2, i, mismatches)
+                p2.index_copy_(0, rows, p_sub)
+                g2.zero_()
+                g2.index_copy_(0, rows, g_sub)
+            else:
+                w = masters[i] if masters is not None else None
+                c, nf, isq, rsq = _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatches)
+            changed += c
+            nonfinite += nf
+            intended_sq += isq
+            realised_sq += rsq
     stats = PerturbStats(numel, changed, intended_sq, realised_sq, nonfinite)
     if mismatches:
         _raise_mismatch(mismatches)
+    return stats
+
+
+# Below this many elements, or above this fraction of non-zero rows, the row-sparse path saves nothing.
+_SPARSE_MIN_NUMEL = 1 << 16
+_SPARSE_MAX_FRACTION = 0.5
+
+
+def _sparse_rows(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """Indices of the rows of a 2-D+ tensor holding a non-zero (or NaN) element, when few rows do."""
+    if t.dim() < 2 or t.numel() < _SPARSE_MIN_NUMEL:
+        return None
+    nz = t.view(t.shape[0], -1).ne(0).any(dim=1)  # (rows,)
+    n = int(nz.sum())
+    if n > _SPARSE_MAX_FRACTION * t.shape[0]:
+        return None
+    return nz.nonzero().squeeze(1)
+
+
+def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatches):
+    """The per-element rule of the module docstring on one tensor (or a block of its rows), in place.
+
+    Returns (changed, nonfinite, intended_sq, realised_sq)."""
+    p = param.float()
+    e = _direction_reference(grad, v, eps, bias_correction2) * eta32.to(param.device)
+    e_finite = torch.isfinite(e)
+    if w is None:
+        s = (p + e).to(param.dtype).float()
+        z = (s - p).to(grad.dtype)
+        z32 = z.float()
+        new = (p + z32).to(param.dtype)
+        back = (new.float() - z32).to(param.dtype)
+        ok = (z32 != 0) & torch.isfinite(new) & (new.float() != p) & (_bits(back) == _bits(param))
+    else:
+        mismatch = (_bits(w.to(param.dtype)) != _bits(param)) & ~(torch.isnan(w) & torch.isnan(p))
+        n_mismatch = int(mismatch.sum())
+        if n_mismatch:
+            mismatches.append((i, n_mismatch))
+        new = (w + e).to(param.dtype)
+        ok = e_finite & torch.isfinite(new) & (new.float() != p) & ~mismatch
+    # fp64, as in the kernel: exact differences, squares that cannot overflow or underflow.
+    delta = torch.where(ok, new.double() - p.double(), 0.0)  # before p is overwritten
+    e64 = torch.where(e_finite, e, 0.0).double()
+    stats = (int(ok.sum()), int((~e_finite).sum()), float((e64 * e64).sum()), float((delta * delta).sum()))
+    param.copy_(torch.where(ok, new, param))
+    if w is None:
+        grad.copy_(torch.where(ok, z, torch.zeros_like(z)))
     return stats
 
 
@@ -199,6 +237,13 @@ def restore_reference_(
             if masters is not None:
                 param.copy_(masters[i].to(param.dtype))
             else:
+                rows = _sparse_rows(deltas[i])
+                if rows is not None:  # only the rows perturb_ moved (see perturb_reference_)
+                    p2 = param.view(param.shape[0], -1)
+                    p_sub = p2.index_select(0, rows)
+                    z = deltas[i].view(param.shape[0], -1).index_select(0, rows).float()
+                    p2.index_copy_(0, rows, torch.where(z != 0, (p_sub.float() - z).to(param.dtype), p_sub))
+                    continue
                 z = deltas[i].float()
                 back = (param.float() - z).to(param.dtype)
                 param.copy_(torch.where(z != 0, back, param))

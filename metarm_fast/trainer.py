@@ -233,8 +233,6 @@ class RewardTrainer:
         if not finite(j):
             raise _NonFinite("J", j)
         j.backward()
-        if not all(finite(p.grad) for p in self.params):
-            raise _NonFinite("grad J", torch.tensor(float("nan")))
         precond = None
         if cfg.meta_direction == "adam":
             precond = adam_second_moments(self.optimizer, self.opt_params)
@@ -244,6 +242,8 @@ class RewardTrainer:
         stats = perturb(self.meta_state, cfg.eta, *(precond or (None, 1.0)))
         # 3. L and grad L at theta'; 4. theta restored (as gradients arrive, or on exit).
         with perturbed(self.meta_state, use_hooks=len(micro_batches) == 1):
+            if stats.nonfinite:  # counted by the perturbation pass itself: no separate sweep over grad J
+                raise _NonFinite("grad J", torch.tensor(float("nan")))
             m = self._l_pass(micro_batches)
         if cfg.second_order:
             second_order_correction_(self.params, lambda: self.meta_objective(meta)[0], cfg.eta)
