@@ -181,8 +181,10 @@ _SPARSE_MAX_FRACTION = 0.5
 
 
 def _sparse_rows(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """Indices of the rows of a 2-D+ tensor holding a non-zero (or NaN) element, when few rows do."""
-    if t.dim() < 2 or t.numel() < _SPARSE_MIN_NUMEL:
+    """Indices of the rows of an embedding-shaped tensor holding a non-zero (or NaN) element, when few rows do."""
+    if t.dim() < 2 or t.numel() < _SPARSE_MIN_NUMEL or t.shape[0] < 4 * (t.numel() // t.shape[0]):
+        # Only vocabulary-shaped tensors (rows >= 4x columns: embeddings) are worth the extra sweep
+        # that finds the rows; a dense weight's gradient has no zero rows.
         return None
     nz = t.view(t.shape[0], -1).ne(0).any(dim=1)  # (rows,)
     n = int(nz.sum())

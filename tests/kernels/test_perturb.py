@@ -341,7 +341,7 @@ def test_row_sparse_gradient_takes_the_sparse_path_and_agrees_bitwise(dtype):
     from metarm_fast.kernels import perturb as mod
 
     g0 = torch.Generator().manual_seed(7)
-    rows, cols = 700, 128  # 89,600 elements: above the sparse threshold
+    rows, cols = 1400, 64  # 89,600 elements, rows >= 4x columns: an embedding's shape
     assert rows * cols >= mod._SPARSE_MIN_NUMEL
     w = (torch.randn(rows, cols, generator=g0) * 0.02).to(dtype)
     w[0, :5] = -0.0
