@@ -195,3 +195,18 @@ def test_second_order_matches_torch_func(tmp_path):
     assert gap > 1e-4, "the second-order term is too small for this test to tell anything"
     for n in names:
         torch.testing.assert_close(ours[n], exact[n], rtol=1e-4, atol=1e-6, msg=n)  # measured error ~3e-8
+
+
+def test_adam_direction_reads_8bit_second_moments(tmp_path):
+    """bitsandbytes keeps v blockwise-quantized for large tensors: the direction dequantizes it."""
+    from metarm_fast.meta_step import adam_second_moments
+
+    tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-3, meta_direction="adam",
+                                   optimizer="adamw8bit", max_steps=3, tiny_hidden=64))
+    tr.train()
+    vs, bc2 = adam_second_moments(tr.optimizer, tr.opt_params)
+    assert 0 < bc2 < 1
+    big = [(p, v) for p, v in zip(tr.opt_params, vs) if p.numel() >= 4096]
+    assert big, "the tiny model should have tensors large enough for 8-bit state"
+    for p, v in big:
+        assert v.dtype == torch.float32 and v.shape == p.shape and bool((v >= 0).all()) and float(v.max()) > 0
