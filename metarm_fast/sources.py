@@ -17,8 +17,8 @@ def _synthetic_split(name: str) -> str | None:
     return None
 
 
-def _synthetic_report(name: str, n: int) -> LoadReport:
-    return LoadReport(path=name, format="synthetic", records_read=n, loaded=n)
+def _synthetic_report(name: str, n: int, kind: str = "pairs") -> LoadReport:
+    return LoadReport(path=name, format="synthetic", records_read=n, loaded=n, kind=kind)
 
 
 def pair_source(name: str, cfg: TrainConfig) -> tuple[list[PreferencePair], LoadReport]:
@@ -46,5 +46,5 @@ def meta_source(name: str, cfg: TrainConfig) -> tuple[list[MetaGroup], LoadRepor
         if split != "meta":
             raise ValueError(f"meta data {name!r}: the synthetic meta set is called '{SYNTHETIC}:meta'")
         groups = SyntheticTask(cfg.seed).meta_groups(m=cfg.max_records, k=cfg.meta_k)
-        return groups, _synthetic_report(name, len(groups))
+        return groups, _synthetic_report(name, len(groups), kind="groups")
     return load_meta(name, split=cfg.split, on_bad_record=cfg.on_bad_record, max_records=cfg.max_records)
