@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 from metarm_fast.config import TrainConfig
-from metarm_fast.memory import AllocationTracker, tensor_bytes
+from metarm_fast.memory import step_peak_bytes as peak, standing_bytes, tensor_bytes  # noqa: F401 (re-exported)
 from metarm_fast.reference import copy_based_meta_step
 from metarm_fast.trainer import RewardTrainer
 
@@ -33,24 +33,6 @@ def environment() -> dict:
         commit = "unknown"
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     return {"device": dev, "torch": torch.__version__, "transformers": transformers.__version__, "commit": commit}
-
-
-def standing_bytes(tr) -> int:
-    states = [t for st in tr.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-    masters = tr.masters or []
-    return tensor_bytes(tr.params + [p.grad for p in tr.params] + states + masters)
-
-
-def peak(tr, fn) -> int:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    with AllocationTracker(standing_bytes(tr)) as t:
-        fn()
-    return t.peak_bytes
 
 
 def main(argv=None) -> dict:

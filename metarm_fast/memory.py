@@ -60,3 +60,22 @@ class AllocationTracker(TorchDispatchMode):
     @property
     def peak_bytes(self) -> int:
         return self.baseline + self.peak
+
+
+def standing_bytes(trainer) -> int:
+    """Bytes held between steps: weights, gradient buffers, optimizer states, fp32 masters."""
+    states = [t for st in trainer.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    return tensor_bytes(trainer.params + [p.grad for p in trainer.params] + states + (trainer.masters or []))
+
+
+def step_peak_bytes(trainer, fn) -> int:
+    """Peak bytes while `fn` (one step) runs: the CUDA allocator's figure on a GPU, else accounting."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    with AllocationTracker(standing_bytes(trainer)) as t:
+        fn()
+    return t.peak_bytes

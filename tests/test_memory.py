@@ -1,21 +1,10 @@
 """Peak memory of a meta step against a vanilla step on the same batch, by allocation accounting."""
 import pytest
 
-from metarm_fast.memory import AllocationTracker, tensor_bytes
+from metarm_fast.memory import step_peak_bytes as _peak, tensor_bytes
 from metarm_fast.reference import copy_based_meta_step
 from metarm_fast.trainer import RewardTrainer
 from tests.helpers import tiny_config
-
-
-def _standing_bytes(tr) -> int:
-    states = [t for st in tr.optimizer.state.values() for t in st.values() if hasattr(t, "untyped_storage")]
-    return tensor_bytes(tr.params + [p.grad for p in tr.params] + states)
-
-
-def _peak(tr, fn) -> int:
-    with AllocationTracker(_standing_bytes(tr)) as t:
-        fn()
-    return t.peak_bytes
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
