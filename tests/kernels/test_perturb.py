@@ -349,6 +349,7 @@ def test_row_sparse_gradient_takes_the_sparse_path_and_agrees_bitwise(dtype):
     hot = torch.randperm(rows, generator=g0)[:40]
     g[hot] = torch.randn(40, cols, generator=g0) * 0.01
     g[1, :3] = -0.0  # a zero row holding -0.0: its stored step must become +0, as on the dense path
+    g[2, 7] = float("nan")  # a row whose only non-zero is NaN: counted as non-finite on both paths
     g = g.to(dtype)
     assert mod._sparse_rows(g) is not None
     results = {}
@@ -361,5 +362,6 @@ def test_row_sparse_gradient_takes_the_sparse_path_and_agrees_bitwise(dtype):
     (pt, gt, st), (pk, gk, sk) = results["torch"], results["triton"]
     assert torch.equal(_bits(pt), _bits(pk)) and torch.equal(_bits(gt), _bits(gk))
     assert st.changed == sk.changed > 0 and st.numel == sk.numel == rows * cols
+    assert st.nonfinite == sk.nonfinite == 1
     assert math.isclose(st.intended_sq, sk.intended_sq, rel_tol=1e-9)
     assert math.isclose(st.realised_sq, sk.realised_sq, rel_tol=1e-9)
