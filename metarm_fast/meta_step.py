@@ -62,7 +62,7 @@ def adam_second_moments(optimizer: torch.optim.Optimizer, opt_params: list[torch
         st = optimizer.state.get(p, {})
         v = st.get("exp_avg_sq")
         if v is None and "state2" in st:
-            v = _bnb_second_moment(st)
+            v = st["state2"] if st["state2"].dtype == torch.float32 else _Dequantized(st)
         vs.append(v)
         if "step" in st:
             step = max(step, int(st["step"]))
@@ -71,26 +71,43 @@ def adam_second_moments(optimizer: torch.optim.Optimizer, opt_params: list[torch
     return vs, 1.0 - beta2**step
 
 
-def _bnb_second_moment(st: dict):
-    """bitsandbytes keeps v in 32 bits for small tensors and blockwise-quantized for large ones."""
-    v = st["state2"]
-    if v.dtype == torch.float32:
-        return v
-    import bitsandbytes.functional as F
+class _Dequantized:
+    """bitsandbytes keeps v blockwise-quantized (8 bits) for large tensors. Dequantized on demand, one
+    tensor at a time, so the direction never holds an fp32 copy of every v (4 B/param) at once."""
 
-    # A transient fp32 copy of one tensor's v: the perturbation runs one tensor at a time here.
-    return F.dequantize_blockwise(v, absmax=st["absmax2"], code=st["qmap2"], blocksize=256)
+    def __init__(self, st: dict):
+        self.st = st
+
+    def __call__(self) -> torch.Tensor:
+        import bitsandbytes.functional as F
+
+        st = self.st
+        return F.dequantize_blockwise(st["state2"], absmax=st["absmax2"], code=st["qmap2"], blocksize=256)
 
 
 def perturb(state: MetaState, eta: float, exp_avg_sq=None, bias_correction2: float = 1.0):
     """Step 2: theta' = theta + eta * d in place; returns the kernel's realised-perturbation stats."""
     grads = _grads(state.params)
-    if state.masters is None:
-        return perturb_(state.params, grads, eta, exp_avg_sq=exp_avg_sq, bias_correction2=bias_correction2)
-    stats = perturb_(state.params, grads, eta, masters=state.masters, exp_avg_sq=exp_avg_sq, bias_correction2=bias_correction2)
-    for g in grads:  # the compute copy's J gradient is not needed any more; L accumulates from zero
-        g.zero_()
-    return stats
+    if exp_avg_sq is not None and any(isinstance(v, _Dequantized) for v in exp_avg_sq):
+        # One tensor at a time, each with its own transient fp32 v.
+        total = None
+        for i, (p, g) in enumerate(zip(state.params, grads)):
+            v = exp_avg_sq[i]
+            masters = [state.masters[i]] if state.masters is not None else None
+            st = perturb_([p], [g], eta, masters=masters, exp_avg_sq=[v() if callable(v) else v],
+                          bias_correction2=bias_correction2)
+            total = st if total is None else _add_stats(total, st)
+    else:
+        total = perturb_(state.params, grads, eta, masters=state.masters, exp_avg_sq=exp_avg_sq,
+                         bias_correction2=bias_correction2)
+    if state.masters is not None:
+        for g in grads:  # the compute copy's J gradient is not needed any more; L accumulates from zero
+            g.zero_()
+    return total
+
+
+def _add_stats(a, b):
+    return type(a)(**{f: getattr(a, f) + getattr(b, f) for f in a.__dataclass_fields__})
 
 
 class _Restorer:

@@ -190,7 +190,7 @@ class RewardTrainer:
     def _l_pass(self, micro_batches, use_hooks_restorer=None) -> dict:
         """Forward/backward L over the micro-batches, each weighted by its share of the step's pairs."""
         total = sum(len(m) for m in micro_batches)
-        loss_sum, correct, gaps = 0.0, 0, []
+        loss_sum, correct = 0.0, 0
         for items in micro_batches:
             loss, rc, rr = self.pair_loss(self.pair_batch(items))
             if not finite(loss):
@@ -198,7 +198,6 @@ class RewardTrainer:
             (loss * (len(items) / total)).backward()
             loss_sum += loss.item() * len(items)
             correct += int((rc > rr).sum())
-            gaps.append(rc - rr)
         return {"loss": loss_sum / total, "accuracy": correct / total, "pairs": total}
 
     # -- the step --------------------------------------------------------------------------------
