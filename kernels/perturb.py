@@ -197,33 +197,47 @@ def _sparse_rows(t: torch.Tensor) -> Optional[torch.Tensor]:
 def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatches):
     """The per-element rule of the module docstring on one tensor (or a block of its rows), in place.
 
-    Returns (changed, nonfinite, intended_sq, realised_sq)."""
+    Returns (changed, nonfinite, intended_sq, realised_sq). Written for few passes over memory (this
+    is the CPU training path): masks are combined in place, the statistics are fp64 reductions that
+    need no fp64 copy when every step is finite, and the results are written with `out=`."""
     p = param.float()
     e = _direction_reference(grad, v, eps, bias_correction2) * eta32.to(param.device)
-    e_finite = torch.isfinite(e)
     if w is None:
         s = (p + e).to(param.dtype).float()
         z = (s - p).to(grad.dtype)
         z32 = z.float()
         new = (p + z32).to(param.dtype)
         back = (new.float() - z32).to(param.dtype)
-        ok = (z32 != 0) & torch.isfinite(new) & (new.float() != p) & (_bits(back) == _bits(param))
+        ok = _bits(back) == _bits(param)
+        ok &= z32 != 0
+        ok &= torch.isfinite(new)
+        ok &= new.float() != p
     else:
         mismatch = (_bits(w.to(param.dtype)) != _bits(param)) & ~(torch.isnan(w) & torch.isnan(p))
         n_mismatch = int(mismatch.sum())
         if n_mismatch:
             mismatches.append((i, n_mismatch))
         new = (w + e).to(param.dtype)
-        ok = e_finite & torch.isfinite(new) & (new.float() != p) & ~mismatch
-    # fp64, as in the kernel: exact differences, squares that cannot overflow or underflow.
-    delta = torch.where(ok, new.double() - p.double(), 0.0)  # before p is overwritten
-    e64 = torch.where(e_finite, e, 0.0).double()
-    stats = (int(ok.sum()), int((~e_finite).sum()), float((e64 * e64).sum()), float((delta * delta).sum()))
-    param.copy_(torch.where(ok, new, param))
+        ok = torch.isfinite(e)
+        ok &= torch.isfinite(new)
+        ok &= new.float() != p
+        ok &= ~mismatch
+    # fp64, as in the kernel: squares that cannot overflow or underflow. A finite fp64 norm means
+    # every step was finite (an fp32 value squared stays far inside fp64's range).
+    isq = float(torch.linalg.vector_norm(e, dtype=torch.float64)) ** 2
+    nonfinite = 0
+    if not math.isfinite(isq):
+        e_finite = torch.isfinite(e)
+        nonfinite = int((~e_finite).sum())
+        isq = float(torch.linalg.vector_norm(torch.where(e_finite, e, 0.0), dtype=torch.float64)) ** 2
+    delta = new.double()
+    delta -= p.double()  # exact: the difference of two fp32 values, before p is overwritten
+    delta.masked_fill_(~ok, 0.0)
+    stats = (int(ok.sum()), nonfinite, isq, float(torch.linalg.vector_norm(delta)) ** 2)
+    torch.where(ok, new, param, out=param)
     if w is None:
-        grad.copy_(torch.where(ok, z, torch.zeros_like(z)))
+        torch.where(ok, z, torch.zeros((), dtype=z.dtype, device=z.device), out=grad)
     return stats
-
 
 def restore_reference_(
     params: Sequence[torch.Tensor],
