@@ -253,7 +253,8 @@ class RewardTrainer:
                 f"meta step {self.step + 1}: the perturbation eta * grad J was lost to rounding in the "
                 f"{self.params[0].dtype} weights (realised/intended norm {ratio:.3g}, "
                 f"{stats.changed} of {stats.numel} weights changed); MetaRM is acting as vanilla training. "
-                "Use --precision fp32 or bf16-master, or a larger --eta."
+                + ("Use a larger --eta, or --precision fp32." if cfg.precision == "bf16-master"
+                   else "Use --precision fp32 or bf16-master (fp32 master weights), or a larger --eta.")
             )
         gaps = _group_gaps(r_meta, meta["offsets"])
         m.update(
