@@ -578,7 +578,8 @@ def predict_cpu(shape: Shape, precision: str, ckpt: bool, geos: dict[str, Geomet
     acts = {p: activation_bytes(shape, geos[p], e, ckpt) for p in passes}
     backward = st + max(a.total for a in acts.values())
     big = shape.largest_tensor()
-    opt = 2 * 4 * big + (4 * n if precision == "bf16-master" else 0)
+    # AdamW's two temporaries, and with masters one fp32 gradient: the trainer steps one tensor at a time.
+    opt = 2 * 4 * big + (4 * big if precision == "bf16-master" else 0)
     peak = max(backward, st + opt)
     if step == "copy-based":
         # The reference (metarm_fast/reference.py) deep-copies the model (weights in their dtype); its J
