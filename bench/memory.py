@@ -19,8 +19,7 @@ import tempfile
 import torch
 
 from metarm_fast.config import TrainConfig
-from metarm_fast.memory import step_peak_bytes as peak, standing_bytes, tensor_bytes  # noqa: F401 (re-exported)
-from metarm_fast.reference import copy_based_meta_step
+from metarm_fast.memory import compare_step_peaks
 from metarm_fast.trainer import RewardTrainer
 
 
@@ -52,17 +51,8 @@ def main(argv=None) -> dict:
         activation_checkpointing=a.activation_checkpointing, output_dir=tempfile.mkdtemp(),
     )
     tr = RewardTrainer(cfg)
-    micro = next(iter(tr.step_batches()))
-    groups = [[it.chosen, it.rejected] for it in micro[0]]
-    tr.next_meta_groups = lambda: groups
-    tr.train_step(micro)  # warm-up: optimizer states and gradient buffers exist from here on
-
-    param_bytes = tensor_bytes(tr.params)
-    tr.cfg.method = "vanilla"
-    vanilla = peak(tr, lambda: tr.train_step(micro))
-    tr.cfg.method = "metarm"
-    meta = peak(tr, lambda: tr.train_step(micro))
-    copy_based = peak(tr, lambda: copy_based_meta_step(tr, micro, groups))
+    peaks = compare_step_peaks(tr)
+    param_bytes, vanilla, meta, copy_based = (peaks[k] for k in ("param_bytes", "vanilla", "metarm", "copy_based"))
     mb = 1 / 2**20
     result = {
         "params": sum(p.numel() for p in tr.params),

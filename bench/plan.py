@@ -117,7 +117,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, replace
 
@@ -595,7 +594,7 @@ def validate(hidden: int = 256, layers: int = 4, batch: int = 8, max_length: int
     """Measure vanilla / MetaRM (/ copy-based) peaks as bench/memory.py does and compare with the model."""
     import tempfile
 
-    from bench.memory import peak, standing_bytes
+    from metarm_fast.memory import standing_bytes, step_peak_bytes as peak
     from metarm_fast.config import TrainConfig
     from metarm_fast.reference import copy_based_meta_step
     from metarm_fast.trainer import RewardTrainer

@@ -84,7 +84,8 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.memory import environment, peak
+from bench.memory import environment
+from metarm_fast.memory import step_peak_bytes as peak
 from metarm_fast.config import SYNTHETIC, TINY_MODEL, TrainConfig
 from metarm_fast.reference import copy_based_meta_step
 from metarm_fast.trainer import RewardTrainer

@@ -26,7 +26,7 @@ fixed order, so repeated runs give the same bits.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F

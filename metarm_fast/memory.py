@@ -79,3 +79,24 @@ def step_peak_bytes(trainer, fn) -> int:
     with AllocationTracker(standing_bytes(trainer)) as t:
         fn()
     return t.peak_bytes
+
+
+def compare_step_peaks(trainer) -> dict:
+    """Peak bytes of a vanilla, an in-place MetaRM and a copy-based MetaRM step on the same batch.
+
+    The meta batch is the preference batch's own prompts, each with its two responses as one group,
+    so "the larger of the two batches" is the preference batch itself. One warm-up step first, so
+    that optimizer states and gradient buffers exist (they are the standing bytes of every step)."""
+    from metarm_fast.reference import copy_based_meta_step
+
+    micro = next(iter(trainer.step_batches()))
+    groups = [[it.chosen, it.rejected] for it in micro[0]]
+    trainer.next_meta_groups = lambda: groups
+    trainer.cfg.method = "metarm"
+    trainer.train_step(micro)
+    trainer.cfg.method = "vanilla"
+    vanilla = step_peak_bytes(trainer, lambda: trainer.train_step(micro))
+    trainer.cfg.method = "metarm"
+    meta = step_peak_bytes(trainer, lambda: trainer.train_step(micro))
+    copy_based = step_peak_bytes(trainer, lambda: copy_based_meta_step(trainer, micro, groups))
+    return {"param_bytes": tensor_bytes(trainer.params), "vanilla": vanilla, "metarm": meta, "copy_based": copy_based}

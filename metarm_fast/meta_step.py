@@ -42,10 +42,6 @@ class MetaState:
     masters: list[torch.Tensor] | None  # fp32 masters of a low-precision compute copy, or None
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     for p in params:
         if p.grad is None:
