@@ -365,3 +365,27 @@ def test_row_sparse_gradient_takes_the_sparse_path_and_agrees_bitwise(dtype):
     assert st.nonfinite == sk.nonfinite == 1
     assert math.isclose(st.intended_sq, sk.intended_sq, rel_tol=1e-9)
     assert math.isclose(st.realised_sq, sk.realised_sq, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", (FP32, BF16))
+def test_restore_is_bitwise_with_subnormals_flushed(dtype):
+    """torch.set_flush_denormal(True) makes the CPU read subnormal inputs as zero, so p - 0 is no
+    longer p for a subnormal weight: the torch path must notice and restore those untouched."""
+    gen = torch.Generator().manual_seed(3)
+    # Small finite weights and subnormals: a NaN, or a sum overflowing to inf - inf, would send the
+    # restore down its masked form whatever the CPU mode.
+    tiny = torch.finfo(dtype).tiny
+    w = _tensor_with([0.0, -0.0, tiny / 2, -tiny / 4, tiny / 64, 1.0], 5000, 0.02, dtype, gen)
+    subnormal = (w != 0) & (w.float().abs() < torch.finfo(dtype).tiny)
+    assert int(subnormal.sum()) > 0
+    g = (torch.randn(5000, generator=gen) * 0.01).to(dtype)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        p, gg = w.clone(), g.clone()
+        perturb_([p], [gg], 1e-3, impl="torch")
+        assert not torch.equal(_bits(p), _bits(w))
+        restore_([p], [gg], impl="torch")
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(_bits(p), _bits(w))
