@@ -708,7 +708,10 @@ def restore_(
     masters: Optional[list[torch.Tensor]] = None,
     impl: str = "auto",
 ) -> None:
-    """Undo :func:`perturb_`: p <- p - z where z != 0 (case A), or p <- round(master) (case B)."""
+    """Undo :func:`perturb_`: p <- p - z where z != 0 (case A), or p <- round(master) (case B).
+
+    ``deltas`` are the grads buffers as perturb_ left them (it never stores -0.0 there, which the
+    torch path relies on; see ``_restore_block_``)."""
     path = resolve_impl("restore_", impl, _all_tensors(params, deltas, masters), kernel=_restore_kernel)
     if path == "torch":
         restore_reference_(params, deltas, masters=masters)
