@@ -6,11 +6,12 @@ reference on CPU tensors; ``impl=`` or METARM_FAST_KERNELS overrides that (see `
 - ``bt_loss``: pairwise Bradley-Terry loss (margin, reward centering), fused forward+backward.
 - ``difference_loss``: MetaRM's J over groups of k responses per prompt, fused forward+backward.
 - ``perturb_`` / ``restore_``: the meta step's in-place theta + eta * d and its bit-exact undo,
-  with the realised-perturbation statistics (``PerturbStats``).
+  with the realised-perturbation statistics (``PerturbStats``); ``RestorePlan`` restores one
+  tensor at a time (in backward hooks) with the per-call checks made once.
 """
 from .bt_loss import BTLossFunction, bt_loss, bt_loss_reference
 from .difference_loss import DifferenceLossFunction, difference_loss, difference_loss_reference
-from .perturb import PerturbStats, perturb_, perturb_reference_, restore_, restore_reference_
+from .perturb import PerturbStats, RestorePlan, perturb_, perturb_reference_, restore_, restore_reference_
 
 __all__ = [
     "bt_loss",
@@ -24,4 +25,5 @@ __all__ = [
     "perturb_reference_",
     "restore_reference_",
     "PerturbStats",
+    "RestorePlan",
 ]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metarm_fast.kernels import perturb_, restore_
+from metarm_fast.kernels import RestorePlan, perturb_, restore_
 
 
 @dataclass
@@ -114,9 +114,12 @@ class _Restorer:
         self.pending = set(range(len(state.params)))
         self.side_deltas: list[torch.Tensor] | None = None
         self.handles = []
+        self.plan: RestorePlan | None = None
         if state.masters is not None:
             return
         if use_hooks:
+            # z is in each grad buffer until its hook restores it; the plan makes the per-call checks once
+            self.plan = RestorePlan(state.params, [p.grad for p in state.params])
             self.handles = [p.register_hook(self._hook(i)) for i, p in enumerate(state.params)]
         else:
             # Gradient accumulation: theta' is needed by every micro-batch, so z moves aside.
@@ -128,7 +131,7 @@ class _Restorer:
         def hook(grad):
             if i in self.pending:
                 p = self.state.params[i]
-                restore_([p], [p.grad])
+                self.plan.restore(i)
                 self.pending.discard(i)
                 p.grad.zero_()  # the incoming gradient now accumulates onto zeros: exactly grad L
             return grad
@@ -150,10 +153,11 @@ class _Restorer:
             restore_(params, [self.side_deltas[i] for i in idx])
             self.side_deltas = None
         else:
-            # Parameters that got no gradient from L (unused): z is still in their grad buffer.
-            restore_(params, [p.grad for p in params])
-            for p in params:
-                p.grad.zero_()
+            # Parameters that got no gradient from L (unused), or all of them if the L pass failed
+            # before its backward: z is still in their grad buffers.
+            for i in idx:
+                self.plan.restore(i)
+                st.params[i].grad.zero_()
         self.pending.clear()
 
 

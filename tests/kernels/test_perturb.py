@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from metarm_fast.kernels import PerturbStats, perturb_, perturb_reference_, restore_, restore_reference_
+from metarm_fast.kernels import PerturbStats, RestorePlan, perturb_, perturb_reference_, restore_, restore_reference_
 from metarm_fast.kernels._dispatch import is_interpreted
 from metarm_fast.kernels.perturb import CHUNK, _perturb_kernel, perturb_triton_, restore_triton_
 from tests.kernels.gpu_compile import compile_for_sm80
@@ -367,8 +367,9 @@ def test_row_sparse_gradient_takes_the_sparse_path_and_agrees_bitwise(dtype):
     assert math.isclose(st.realised_sq, sk.realised_sq, rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("how", ("restore_", "RestorePlan"))
 @pytest.mark.parametrize("dtype", (FP32, BF16))
-def test_restore_is_bitwise_with_subnormals_flushed(dtype):
+def test_restore_is_bitwise_with_subnormals_flushed(dtype, how):
     """torch.set_flush_denormal(True) makes the CPU read subnormal inputs as zero, so p - 0 is no
     longer p for a subnormal weight: the torch path must notice and restore those untouched."""
     gen = torch.Generator().manual_seed(3)
@@ -379,13 +380,57 @@ def test_restore_is_bitwise_with_subnormals_flushed(dtype):
     subnormal = (w != 0) & (w.float().abs() < torch.finfo(dtype).tiny)
     assert int(subnormal.sum()) > 0
     g = (torch.randn(5000, generator=gen) * 0.01).to(dtype)
+    # and an embedding-shaped tensor whose few hot rows hold subnormal weights (the row-sparse path)
+    emb = (torch.randn(1400, 64, generator=gen) * 0.02).to(dtype)
+    emb[[3, 900], :10] = tiny / 8
+    emb_g = torch.zeros(1400, 64, dtype=dtype)
+    emb_g[[3, 900, 1000]] = (torch.randn(3, 64, generator=gen) * 0.01).to(dtype)
+    weights, steps = [w, emb], [g, emb_g]
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush subnormals")
     try:
-        p, gg = w.clone(), g.clone()
-        perturb_([p], [gg], 1e-3, impl="torch")
-        assert not torch.equal(_bits(p), _bits(w))
-        restore_([p], [gg], impl="torch")
+        p, gg = _clone(weights), _clone(steps)
+        perturb_(p, gg, 1e-3, impl="torch")
+        assert not any(torch.equal(_bits(a), _bits(b)) for a, b in zip(p, weights))
+        if how == "restore_":
+            restore_(p, gg, impl="torch")
+        else:
+            plan = RestorePlan(p, gg, impl="torch")
+            plan.restore(1)
+            plan.restore(0)
     finally:
         torch.set_flush_denormal(False)
-    assert torch.equal(_bits(p), _bits(w))
+    _assert_bitwise(p, weights, f"{how} with subnormals flushed")
+
+
+@pytest.mark.parametrize("impl", ("torch", "triton"))
+@pytest.mark.parametrize("arrangement", [a for a, (_, _, master) in ARRANGEMENTS.items() if not master])
+def test_restore_plan_gives_back_each_tensor_bitwise(arrangement, impl):
+    """RestorePlan, what the backward hooks use (one tensor at a time, the checks made once): the
+    weights come back bit for bit over the special values, NaN weights (which must not take the
+    single-subtraction form), and a row-sparse tensor with a NaN weight in a hot row, restored in
+    the order a backward pass reaches them (last first)."""
+    p_dtype, g_dtype, _ = ARRANGEMENTS[arrangement]
+    params, grads, _, _ = _problem(p_dtype, g_dtype, False, False)
+    gen = torch.Generator().manual_seed(11)
+    emb = (torch.randn(1400, 64, generator=gen) * 0.02).to(p_dtype)
+    emb[5, 3] = float("nan")
+    emb_g = torch.zeros(1400, 64)
+    emb_g[torch.tensor([5, 90, 700])] = torch.randn(3, 64, generator=gen) * 0.01
+    params.append(emb)
+    grads.append(emb_g.to(g_dtype))
+    p, g = _clone(params), _clone(grads)
+    perturb_(p, g, 0.5, impl=impl)
+    moved = [not torch.equal(_bits(a), _bits(b)) for a, b in zip(p, params)]
+    assert all(moved[2:]), moved  # the 1- and 3-element tensors hold only values no step can move
+    plan = RestorePlan(p, g, impl=impl)
+    if impl == "torch":  # both forms are exercised: finite dense tensors subtract, the others mask
+        assert True in plan._plain and False in plan._plain and plan._rows[-1] is not None
+    for i in reversed(range(len(p))):
+        plan.restore(i)
+    _assert_bitwise(p, params, f"{impl} RestorePlan")
+
+
+def test_restore_plan_checks_its_inputs():
+    with pytest.raises(ValueError, match="deltas has 1"):
+        RestorePlan([torch.zeros(3), torch.zeros(4)], [torch.zeros(3)])
