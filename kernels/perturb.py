@@ -70,7 +70,7 @@ run has been made here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -99,6 +99,9 @@ class PerturbStats:
     intended_sq: float  # sum (eta*d)^2 over finite eta*d (e in fp32, squared and summed in fp64)
     realised_sq: float  # sum (param_after - param_before)^2, differences and sums in fp64 (exact)
     nonfinite: int = 0  # elements whose eta*d was not finite (left unperturbed)
+    # What the torch path learnt per tensor (case A): the rows it worked on (None: all) and whether every
+    # weight it worked on was finite. RestorePlan(hints=...) then skips finding them again; None elsewhere.
+    restore_hints: Optional[list] = field(default=None, repr=False, compare=False)
 
     @property
     def frac_changed(self) -> float:
@@ -144,9 +147,12 @@ def perturb_reference_(
     numel = changed = nonfinite = 0
     intended_sq = realised_sq = 0.0
     mismatches = []  # (tensor index, count)
+    hints = [] if masters is None else None
     with torch.no_grad():
         for i, (param, grad) in enumerate(zip(params, grads)):
             if param.numel() == 0:
+                if hints is not None:
+                    hints.append((None, True))
                 continue
             v = exp_avg_sq[i] if exp_avg_sq is not None else None
             numel += param.numel()
@@ -158,17 +164,19 @@ def perturb_reference_(
                 p2, g2 = param.view(param.shape[0], -1), grad.view(grad.shape[0], -1)
                 v2 = v.view(v.shape[0], -1).index_select(0, rows) if v is not None else None
                 p_sub, g_sub = p2.index_select(0, rows), g2.index_select(0, rows)
-                c, nf, isq, rsq = _perturb_block_(p_sub, g_sub, v2, None, eta32, eps, bias_correction2, i, mismatches)
+                c, nf, isq, rsq, finite = _perturb_block_(p_sub, g_sub, v2, None, eta32, eps, bias_correction2, i, mismatches)
                 p2.index_copy_(0, rows, p_sub)
                 g2.index_copy_(0, rows, g_sub)  # the other rows are all +0 already: the stored step
             else:
                 w = masters[i] if masters is not None else None
-                c, nf, isq, rsq = _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatches)
+                c, nf, isq, rsq, finite = _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatches)
+            if hints is not None:
+                hints.append((rows, finite))
             changed += c
             nonfinite += nf
             intended_sq += isq
             realised_sq += rsq
-    stats = PerturbStats(numel, changed, intended_sq, realised_sq, nonfinite)
+    stats = PerturbStats(numel, changed, intended_sq, realised_sq, nonfinite, restore_hints=hints)
     if mismatches:
         _raise_mismatch(mismatches)
     return stats
@@ -198,7 +206,7 @@ def _sparse_rows(t: torch.Tensor) -> Optional[torch.Tensor]:
 def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatches):
     """The per-element rule of the module docstring on one tensor (or a block of its rows), in place.
 
-    Returns (changed, nonfinite, intended_sq, realised_sq). Written for few passes over memory (this
+    Returns (changed, nonfinite, intended_sq, realised_sq, every weight finite). Written for few passes over memory (this
     is the CPU training path, where each pass costs about as much as the arithmetic): masks are
     combined in place and on integer bit patterns, the fp64 statistics are dot products, and the
     general (slower) form of a step runs only when a sum comes out non-finite."""
@@ -247,7 +255,9 @@ def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatch
     # torch's in-place fp64 -= fp32 takes a scalar casting loop, 20x slower than a copy and a subtract.
     delta -= p.double().view(-1)
     rsq = float(torch.dot(delta, delta))
-    if not math.isfinite(rsq):
+    # Finite: p - p is 0 for every finite weight, and the squares of fp32 differences cannot overflow fp64.
+    finite = math.isfinite(rsq)
+    if not finite:
         # A non-finite weight: p - p is NaN there, and a NaN weight may have passed case A's mask.
         ok &= ~torch.isnan(param)
         after = torch.where(ok, new, param)
@@ -258,7 +268,7 @@ def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatch
     param.copy_(after)
     if w is None:
         torch.where(ok, z, torch.zeros((), dtype=z.dtype, device=z.device), out=grad)
-    return int(ok.sum()), nonfinite, isq, rsq
+    return int(ok.sum()), nonfinite, isq, rsq, finite
 
 
 def restore_reference_(
@@ -733,7 +743,10 @@ class RestorePlan:
     (the forward pass reads them, nothing writes them); restore each tensor once.
     """
 
-    def __init__(self, params: list[torch.Tensor], deltas: list[torch.Tensor], *, impl: str = "auto"):
+    def __init__(self, params: list[torch.Tensor], deltas: list[torch.Tensor], *, impl: str = "auto",
+                 hints: Optional[list] = None):
+        """``hints``: ``PerturbStats.restore_hints`` from the perturb_ of these very tensors (torch path),
+        which found the rows and the finiteness already; without them the plan finds them itself."""
         _check_restore_args(params, deltas, None)
         self.params, self.deltas = list(params), list(deltas)
         self.path = resolve_impl("restore_", impl, _all_tensors(self.params, self.deltas), kernel=_restore_kernel)
@@ -741,8 +754,15 @@ class RestorePlan:
         self._plain = [False] * len(self.params)
         if self.path != "torch":
             return
+        if hints is not None and len(hints) != len(self.params):
+            raise ValueError(f"RestorePlan: {len(hints)} hints for {len(self.params)} params")
         with torch.no_grad():
             kept = _subnormals_kept(self.params)
+            if hints is not None:
+                for i, (rows, finite) in enumerate(hints):
+                    self._rows[i] = rows
+                    self._plain[i] = kept and finite
+                return
             dense = []
             for i, (p, z) in enumerate(zip(self.params, self.deltas)):
                 if p.numel():

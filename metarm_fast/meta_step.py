@@ -103,13 +103,15 @@ def perturb(state: MetaState, eta: float, exp_avg_sq=None, bias_correction2: flo
 
 
 def _add_stats(a, b):
-    return type(a)(**{f: getattr(a, f) + getattr(b, f) for f in a.__dataclass_fields__})
+    hints = a.restore_hints + b.restore_hints if a.restore_hints is not None and b.restore_hints is not None else None
+    return type(a)(**{f: getattr(a, f) + getattr(b, f) for f in a.__dataclass_fields__ if f != "restore_hints"},
+                   restore_hints=hints)
 
 
 class _Restorer:
     """Restores each weight as soon as its L gradient arrives (no-master case), and the rest on exit."""
 
-    def __init__(self, state: MetaState, use_hooks: bool):
+    def __init__(self, state: MetaState, use_hooks: bool, hints=None):
         self.state = state
         self.pending = set(range(len(state.params)))
         self.side_deltas: list[torch.Tensor] | None = None
@@ -119,7 +121,7 @@ class _Restorer:
             return
         if use_hooks:
             # z is in each grad buffer until its hook restores it; the plan makes the per-call checks once
-            self.plan = RestorePlan(state.params, [p.grad for p in state.params])
+            self.plan = RestorePlan(state.params, [p.grad for p in state.params], hints=hints)
             self.handles = [p.register_hook(self._hook(i)) for i, p in enumerate(state.params)]
         else:
             # Gradient accumulation: theta' is needed by every micro-batch, so z moves aside.
@@ -162,9 +164,11 @@ class _Restorer:
 
 
 @contextmanager
-def perturbed(state: MetaState, use_hooks: bool):
-    """Run the L pass at theta'; on exit (normal or not) every weight is back to theta, bitwise."""
-    restorer = _Restorer(state, use_hooks)
+def perturbed(state: MetaState, use_hooks: bool, stats=None):
+    """Run the L pass at theta'; on exit (normal or not) every weight is back to theta, bitwise.
+
+    ``stats``: what ``perturb`` returned for this state (its restore hints spare the restore a scan)."""
+    restorer = _Restorer(state, use_hooks, hints=getattr(stats, "restore_hints", None))
     try:
         yield restorer
     finally:

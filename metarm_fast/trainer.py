@@ -240,7 +240,7 @@ class RewardTrainer:
         # 2. theta' = theta + eta * d, in place.
         stats = perturb(self.meta_state, cfg.eta, *(precond or (None, 1.0)))
         # 3. L and grad L at theta'; 4. theta restored (as gradients arrive, or on exit).
-        with perturbed(self.meta_state, use_hooks=len(micro_batches) == 1):
+        with perturbed(self.meta_state, use_hooks=len(micro_batches) == 1, stats=stats):
             if stats.nonfinite:  # counted by the perturbation pass itself: no separate sweep over grad J
                 raise _NonFinite("grad J", torch.tensor(float("nan")))
             m = self._l_pass(micro_batches)

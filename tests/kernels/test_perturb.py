@@ -367,7 +367,7 @@ def test_row_sparse_gradient_takes_the_sparse_path_and_agrees_bitwise(dtype):
     assert math.isclose(st.realised_sq, sk.realised_sq, rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("how", ("restore_", "RestorePlan"))
+@pytest.mark.parametrize("how", ("restore_", "RestorePlan", "hinted"))
 @pytest.mark.parametrize("dtype", (FP32, BF16))
 def test_restore_is_bitwise_with_subnormals_flushed(dtype, how):
     """torch.set_flush_denormal(True) makes the CPU read subnormal inputs as zero, so p - 0 is no
@@ -390,12 +390,12 @@ def test_restore_is_bitwise_with_subnormals_flushed(dtype, how):
         pytest.skip("this CPU cannot flush subnormals")
     try:
         p, gg = _clone(weights), _clone(steps)
-        perturb_(p, gg, 1e-3, impl="torch")
+        stats = perturb_(p, gg, 1e-3, impl="torch")
         assert not any(torch.equal(_bits(a), _bits(b)) for a, b in zip(p, weights))
         if how == "restore_":
             restore_(p, gg, impl="torch")
         else:
-            plan = RestorePlan(p, gg, impl="torch")
+            plan = RestorePlan(p, gg, impl="torch", hints=stats.restore_hints if how == "hinted" else None)
             plan.restore(1)
             plan.restore(0)
     finally:
@@ -403,13 +403,15 @@ def test_restore_is_bitwise_with_subnormals_flushed(dtype, how):
     _assert_bitwise(p, weights, f"{how} with subnormals flushed")
 
 
+@pytest.mark.parametrize("hinted", (False, True), ids=("found", "hinted"))
 @pytest.mark.parametrize("impl", ("torch", "triton"))
 @pytest.mark.parametrize("arrangement", [a for a, (_, _, master) in ARRANGEMENTS.items() if not master])
-def test_restore_plan_gives_back_each_tensor_bitwise(arrangement, impl):
+def test_restore_plan_gives_back_each_tensor_bitwise(arrangement, impl, hinted):
     """RestorePlan, what the backward hooks use (one tensor at a time, the checks made once): the
     weights come back bit for bit over the special values, NaN weights (which must not take the
     single-subtraction form), and a row-sparse tensor with a NaN weight in a hot row, restored in
-    the order a backward pass reaches them (last first)."""
+    the order a backward pass reaches them (last first). With the rows and finiteness found by the
+    plan itself, or handed over by perturb_ (the torch path's restore_hints; Triton gives none)."""
     p_dtype, g_dtype, _ = ARRANGEMENTS[arrangement]
     params, grads, _, _ = _problem(p_dtype, g_dtype, False, False)
     gen = torch.Generator().manual_seed(11)
@@ -420,10 +422,11 @@ def test_restore_plan_gives_back_each_tensor_bitwise(arrangement, impl):
     params.append(emb)
     grads.append(emb_g.to(g_dtype))
     p, g = _clone(params), _clone(grads)
-    perturb_(p, g, 0.5, impl=impl)
+    stats = perturb_(p, g, 0.5, impl=impl)
+    assert (stats.restore_hints is not None) == (impl == "torch")
     moved = [not torch.equal(_bits(a), _bits(b)) for a, b in zip(p, params)]
     assert all(moved[2:]), moved  # the 1- and 3-element tensors hold only values no step can move
-    plan = RestorePlan(p, g, impl=impl)
+    plan = RestorePlan(p, g, impl=impl, hints=stats.restore_hints if hinted else None)
     if impl == "torch":  # both forms are exercised: finite dense tensors subtract, the others mask
         assert True in plan._plain and False in plan._plain and plan._rows[-1] is not None
     for i in reversed(range(len(p))):
@@ -434,3 +437,5 @@ def test_restore_plan_gives_back_each_tensor_bitwise(arrangement, impl):
 def test_restore_plan_checks_its_inputs():
     with pytest.raises(ValueError, match="deltas has 1"):
         RestorePlan([torch.zeros(3), torch.zeros(4)], [torch.zeros(3)])
+    with pytest.raises(ValueError, match="1 hints for 2 params"):
+        RestorePlan([torch.zeros(3), torch.zeros(4)], [torch.zeros(3), torch.zeros(4)], impl="torch", hints=[(None, True)])
