@@ -20,7 +20,11 @@ What is timed (one row per method and packing mode)
 - metarm-parts  the MetaRM step's parts, each timed alone on the same batches: J pass (collate +
            forward/backward of the difference loss), L pass (collate + forward/backward of the BT loss
            at theta, no perturbation), optimizer (clip + AdamW + scheduler + zeroing the grads). The
-           report gives median_i( T_metarm_i / (J_i + L_i + opt_i) ), paired by batch i.
+           report gives median_i( T_metarm_i / (J_i + L_i + opt_i) ), paired by batch i. Two
+           separate steps on a shared CPU differ by +-10-15%, so this ratio moves by a few percent
+           between runs; the metarm row therefore also gives the machinery's own time inside the
+           very same steps (the trainer's `meta_perturb_ms` and `meta_restore_ms`: the in-place
+           perturbation, and the restore plan, hooks and exit), as a share of each step.
 - trl      trl.RewardTrainer on a model with the same class, size, attention backend and initial
            weights, over a datasets.Dataset of the same token ids (`chosen_ids`/`rejected_ids`, TRL's
            processed format, in the same order: sequential sampler), with TRL's own collator,
@@ -240,7 +244,7 @@ class TrainerRunner(Runner):
         return [[p.chosen, p.rejected] for mb in self.batches[i] for p in mb]
 
     def _train_step(self, i: int) -> None:
-        m = self.tr.train_step(self.batches[i])
+        m = self.last_metrics = self.tr.train_step(self.batches[i])
         if "skipped" in m:
             raise RuntimeError(f"{self.label}: step {i} was skipped: {m['skipped']}")
         self.tr.step += 1
@@ -262,6 +266,16 @@ class VanillaRunner(TrainerRunner):
 class MetaRunner(TrainerRunner):
     name = "metarm"
     passes = 2
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.machinery: dict[str, list[float]] = {"perturb": [], "restore": []}
+
+    def run(self, i: int, record: bool) -> None:
+        super().run(i, record)
+        if record:  # the trainer's own timing of its meta machinery, inside this very step
+            self.machinery["perturb"].append(self.last_metrics["meta_perturb_ms"] / 1e3)
+            self.machinery["restore"].append(self.last_metrics["meta_restore_ms"] / 1e3)
 
     def step(self, i: int) -> float:
         self.tr.cfg.method = "metarm"
@@ -543,6 +557,10 @@ def make_row(r: Runner, nflop: int, peak_fl: float | None) -> dict:
     }
     if isinstance(r, PartsRunner):
         row.update({f"{k}_s": summary(v) for k, v in r.parts.items()})
+    if isinstance(r, MetaRunner):
+        m = r.machinery
+        row.update({f"{k}_s": summary(v) for k, v in m.items()})
+        row["machinery_share"] = summary((a + b) / t for a, b, t in zip(m["perturb"], m["restore"], r.times))
     row.update(r.extra)
     return row
 
@@ -584,6 +602,10 @@ def print_table(rows: list[dict], targets: list[dict], peak_note: str) -> None:
         peak_mb = f"{r['peak_MB']:.1f}" if r["peak_MB"] else "-"
         print(f"{r['method']:<13} {r['packing']:<12} {ms:<28} {r['pairs_per_s']['median']:8.1f} "
               f"{r['tokens_computed_per_s']['median']:15,.0f} {r['tokens_padded_per_s']['median']:16,.0f} {peak_mb:>9} {mfu:>8}")
+        if r["method"] == "metarm":
+            print(f"{'':<26}  inside these steps: perturb {r['perturb_s']['median'] * 1e3:.1f} ms + restore "
+                  f"{r['restore_s']['median'] * 1e3:.1f} ms (medians), {r['machinery_share']['median'] * 100:.1f}% "
+                  f"of a step [{r['machinery_share']['min'] * 100:.1f}, {r['machinery_share']['max'] * 100:.1f}]")
         if r["method"] == "metarm-parts":
             print(f"{'':<26}  J {r['J_s']['median'] * 1e3:.1f} ms + L {r['L_s']['median'] * 1e3:.1f} ms "
                   f"+ opt {r['opt_s']['median'] * 1e3:.1f} ms (medians, each timed alone)")

@@ -238,9 +238,11 @@ class RewardTrainer:
             if precond[0] is None:
                 precond = None  # no second moments before the first optimizer step: plain gradient
         # 2. theta' = theta + eta * d, in place.
+        t0 = time.perf_counter()
         stats = perturb(self.meta_state, cfg.eta, *(precond or (None, 1.0)))
+        perturb_s = time.perf_counter() - t0
         # 3. L and grad L at theta'; 4. theta restored (as gradients arrive, or on exit).
-        with perturbed(self.meta_state, use_hooks=len(micro_batches) == 1, stats=stats):
+        with perturbed(self.meta_state, use_hooks=len(micro_batches) == 1, stats=stats) as restorer:
             if stats.nonfinite:  # counted by the perturbation pass itself: no separate sweep over grad J
                 raise _NonFinite("grad J", torch.tensor(float("nan")))
             m = self._l_pass(micro_batches)
@@ -263,6 +265,10 @@ class RewardTrainer:
             meta_realised_ratio=ratio,
             meta_gap_mean=float(gaps.mean()) if gaps.numel() else 0.0,
             meta_gaps=[round(x, 5) for x in gaps.tolist()],
+            # Host wall time of the meta machinery. On a GPU these time the kernel launches, not the
+            # kernels (no synchronisation is forced for them).
+            meta_perturb_ms=perturb_s * 1e3,
+            meta_restore_ms=restorer.seconds * 1e3,
         )
         return m
 

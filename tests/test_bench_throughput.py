@@ -50,6 +50,10 @@ def test_every_requested_row_has_positive_numbers(run):
                 assert f"{method}[{packing}]" in skipped, (method, packing, result["skipped"])
     parts = rows[("metarm-parts", "none")]
     assert all(parts[f"{k}_s"]["median"] > 0 for k in ("J", "L", "opt"))
+    meta = rows[("metarm", "none")]  # the machinery's own time, inside the timed MetaRM steps
+    assert meta["perturb_s"]["n"] == meta["restore_s"]["n"] == 2
+    assert meta["perturb_s"]["min"] > 0 and meta["restore_s"]["min"] > 0
+    assert 0 < meta["machinery_share"]["min"] <= meta["machinery_share"]["max"] < 1
     # the padded MetaRM step runs the model on twice the tokens of the vanilla step (meta + L pass)
     assert rows[("metarm", "none")]["tokens_computed_per_step"] == 2 * rows[("vanilla", "none")]["tokens_computed_per_step"]
     if HAS_TRL:  # TRL ran on the very same padded batches

@@ -130,6 +130,7 @@ def test_cli_metarm_run_with_a_meta_set_file(tmp_path, capsys):
     step = lines[0]
     for key in ("loss", "J", "accuracy", "meta_frac_changed", "meta_realised_ratio", "meta_gaps"):
         assert key in step, key
+    assert step["meta_perturb_ms"] > 0 and step["meta_restore_ms"] > 0  # the machinery times itself
     assert (out / "meta_reward_gaps.png").stat().st_size > 1000
     assert "meta reward gap" in capsys.readouterr().out
 
