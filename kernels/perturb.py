@@ -249,6 +249,21 @@ def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatch
         e_finite = torch.isfinite(e)
         nonfinite = int((~e_finite).sum())
         isq = float(torch.linalg.vector_norm(torch.where(e_finite, e, 0.0), dtype=torch.float64)) ** 2
+    if w is None and param.dtype == grad.dtype == torch.float32 and math.isfinite(float(param.sum())):
+        # fp32 weights and steps, every weight finite (a finite sum has no inf or NaN term): the
+        # realised step of a moved weight is z itself, new - p == z exactly, so realised_sq is the
+        # sum of the stored steps squared -- the same fp64 vector as (after - p), the same sum -- and
+        # the weights are written in place, with no copy of them. Proof: if s is within [p/2, 2p],
+        # s - p is exact (Sterbenz), so z = s - p and p + z = s. Otherwise |z| >= |p|/2. If z has the
+        # opposite sign and |z| <= 2|p|, p + z is exact (Sterbenz again). Else |z| > |p| (|z| < |p|
+        # with z of p's sign would need s in (p, 2p)), so p + z and its rounding error r are multiples
+        # of p's ulp; r != 0 would make p + r, and so back = round(new - z) = round(p + r), differ
+        # from p, and ok is false. With subnormals this holds unchanged (gradual underflow).
+        # tests/kernels/test_perturb.py checks it on random bit patterns.
+        torch.where(ok, new, param, out=param)
+        torch.where(ok, z, torch.zeros((), dtype=z.dtype, device=z.device), out=grad)
+        stored = grad.double().view(-1)
+        return int(ok.sum()), nonfinite, isq, float(torch.dot(stored, stored)), True
     after = torch.where(ok, new, param)
     delta = after.double().view(-1)
     # exact in fp64: new - p where changed, p - p = 0 elsewhere (for a finite p). Both operands fp64:
