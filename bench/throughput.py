@@ -1,7 +1,7 @@
 """Step throughput: vanilla, MetaRM, copy-based MetaRM and TRL's RewardTrainer, on one model and one batch sequence.
 
     python -m bench.throughput [--data PATH] [--model tiny-llama|DIR] [--tokenizer DIR] [--batch 8]
-        [--steps 10] [--warmup 3] [--packing none,pack,share-prompt] [--methods vanilla,metarm,copy,trl]
+        [--steps 10] [--warmup 3] [--repeat 1] [--packing none,pack,share-prompt] [--methods vanilla,metarm,copy,trl]
         [--peak-flops F] [--out results.json|results.csv]
 
     # the issue's target run (tiny Llama over the BERT WordPiece vocabulary, HH-RLHF, 8 pairs a batch)
@@ -42,7 +42,11 @@ into all others) and a fresh optimizer; every method sees the same list of batch
 `RewardTrainer.step_batches`). The methods run round-robin, step by step (the order rotated each
 step), so a load change on the shared machine hits all of them alike. The first --warmup steps are
 left out; of the --steps that follow, the report gives median and spread (min/max; IQR in the
-file). Peak memory comes from one extra step, on the longest batch of the run, under
+file). With --repeat R, every runner takes each batch R times in a row (each a real optimizer step,
+the runners still interleaved) and the batch keeps its fastest time, with the parts, machinery and
+tokens of that same run: noise on a shared machine only ever adds time, so the minimum is the
+steadier estimate of what a step costs (timeit's convention). TRL's repeats reuse the batch its
+dataloader gave (no second fetch), which can only favour TRL. Peak memory comes from one extra step, on the longest batch of the run, under
 bench.memory.peak (allocator statistics on a GPU, allocation accounting on the CPU; it slows the
 step, so that step is not timed).
 
@@ -211,17 +215,29 @@ class Runner:
     def real_tokens(self, i: int) -> int:
         return self.passes * sum(len(s) for mb in self.batches[i] for p in mb for s in (p.chosen, p.rejected))
 
-    def run(self, i: int, record: bool) -> None:
+    def run(self, i: int, record: bool, rep: int = 0) -> None:
+        """One step on batch i. With --repeat, batch i runs again (rep = 1, 2, ...) and the batch keeps
+        the time of its fastest run, with what the subclasses record from that same run."""
         gc.collect()
         self.counter.take()
         t = self.step(i)
         n = self.counter.take()
         if not hasattr(self, "first_computed"):
             self.first_computed = (i, n)
-        if record:
+        self.best = record and (rep == 0 or t < self.times[-1])
+        if record and rep == 0:
             self.times.append(t)
             self.computed.append(n)
             self.steps.append(i)
+        elif self.best:
+            self.times[-1] = t
+
+    def keep(self, values: list, value, rep: int) -> None:
+        """Record a per-step value of this run if it is the batch's first run or its fastest so far."""
+        if rep == 0:
+            values.append(value)
+        elif self.best:
+            values[-1] = value
 
     def measure_peak(self, i: int) -> None:
         pass
@@ -271,11 +287,11 @@ class MetaRunner(TrainerRunner):
         super().__init__(*a, **k)
         self.machinery: dict[str, list[float]] = {"perturb": [], "restore": []}
 
-    def run(self, i: int, record: bool) -> None:
-        super().run(i, record)
+    def run(self, i: int, record: bool, rep: int = 0) -> None:
+        super().run(i, record, rep)
         if record:  # the trainer's own timing of its meta machinery, inside this very step
-            self.machinery["perturb"].append(self.last_metrics["meta_perturb_ms"] / 1e3)
-            self.machinery["restore"].append(self.last_metrics["meta_restore_ms"] / 1e3)
+            self.keep(self.machinery["perturb"], self.last_metrics["meta_perturb_ms"] / 1e3, rep)
+            self.keep(self.machinery["restore"], self.last_metrics["meta_restore_ms"] / 1e3, rep)
 
     def step(self, i: int) -> float:
         self.tr.cfg.method = "metarm"
@@ -327,11 +343,11 @@ class PartsRunner(TrainerRunner):
         self._last = {"J": t1 - t0, "L": t2 - t1, "opt": t3 - t2}
         return t3 - t0
 
-    def run(self, i: int, record: bool) -> None:
-        super().run(i, record)
+    def run(self, i: int, record: bool, rep: int = 0) -> None:
+        super().run(i, record, rep)
         if record:
             for k, v in self._last.items():
-                self.parts[k].append(v)
+                self.keep(self.parts[k], v, rep)
 
     def measure_peak(self, i: int) -> None:
         pass  # not a step anyone runs
@@ -428,11 +444,16 @@ class TrlRunner(Runner):
         tt.state.global_step += 1
 
     def step(self, i: int) -> float:
+        if i == self.next_i - 1:  # --repeat: the batch its dataloader gave last time (no new fetch)
+            inputs = dict(self.last_inputs)
+            t0 = _now()
+            self._update(inputs)
+            return _now() - t0
         if i != self.next_i:
             raise RuntimeError(f"trl: steps must come in order (asked for {i}, next is {self.next_i})")
         self.next_i += 1
         t0 = _now()
-        inputs = next(self.iter)
+        inputs = self.last_inputs = next(self.iter)
         check = None if self.checked_batch else inputs["input_ids"].clone()
         self._update(inputs)
         t = _now() - t0
@@ -482,7 +503,7 @@ def build_config(a, packing: str) -> TrainConfig:
         max_length=a.max_length,
         packing=packing,
         batch_size=a.batch,
-        max_steps=a.warmup + a.steps,
+        max_steps=(a.warmup + a.steps) * a.repeat,  # every repeat is an optimizer step: the schedule covers them
         seed=a.seed,
         progress=False,
         output_dir=tempfile.mkdtemp(prefix="bench-throughput-"),
@@ -658,6 +679,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=8, help="preference pairs per step")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each batch this many times in a row (each a real optimizer step) and keep its fastest: "
+                         "noise on a shared machine only adds time")
     ap.add_argument("--max-length", type=int, default=TrainConfig.max_length)
     ap.add_argument("--max-records", type=int, default=None, help="read at most this many pairs")
     ap.add_argument("--seed", type=int, default=0)
@@ -671,8 +695,8 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     packings = _csv_list(a.packing, PACKINGS, "packing")
     methods = _csv_list(a.methods, METHODS, "methods")
-    if a.steps < 1 or a.warmup < 0 or a.batch < 1:
-        raise SystemExit("--steps >= 1, --warmup >= 0 and --batch >= 1")
+    if a.steps < 1 or a.warmup < 0 or a.batch < 1 or a.repeat < 1:
+        raise SystemExit("--steps >= 1, --warmup >= 0, --batch >= 1 and --repeat >= 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
     if a.threads:
@@ -746,22 +770,25 @@ def run(a, argv, packings: list[str], methods: list[str]) -> dict:
                                    if not isinstance(r, (MetaRunner, CopyRunner, PartsRunner))))
     print(f"throughput: {a.model} (hidden {a.hidden}, {a.layers} layers, {nparams:,} params, {nflop:,} without the "
           f"embedding), attention: {attn}; {first.cfg.precision}, data {a.data} "
-          f"({len(first.train_pairs)} pairs), batch {a.batch}, {a.warmup} warm-up + {a.steps} timed steps, "
+          f"({len(first.train_pairs)} pairs), batch {a.batch}, {a.warmup} warm-up + {a.steps} timed steps"
+          f"{f' (each the fastest of {a.repeat})' if a.repeat > 1 else ''}, "
           f"packing {','.join(packings)}, methods {','.join(methods)}; device {env['device']}, "
           f"{torch.get_num_threads()} threads, load {env['loadavg_start']}; built in {build_s:.1f} s")
 
-    # Round-robin: step i of every runner, in an order rotated each step.
+    # Round-robin: step i of every runner, in an order rotated each step (and each repeat).
     live = list(runners)
     n_total = a.warmup + a.steps
     for i in range(n_total):
-        order = live[i % len(live):] + live[: i % len(live)] if live else []
-        for r in order:
-            try:
-                r.run(i, record=i >= a.warmup)
-            except Exception as e:  # noqa: BLE001
-                skip(r.label, r.packing, f"step {i} raised {type(e).__name__}: {e}")
-                traceback.print_exc(limit=3)
-                live.remove(r)
+        for rep in range(a.repeat):
+            k = i * a.repeat + rep
+            order = live[k % len(live):] + live[: k % len(live)] if live else []
+            for r in order:
+                try:
+                    r.run(i, record=i >= a.warmup, rep=rep)
+                except Exception as e:  # noqa: BLE001
+                    skip(r.label, r.packing, f"step {i} raised {type(e).__name__}: {e}")
+                    traceback.print_exc(limit=3)
+                    live.remove(r)
         if i == 0:  # is the packing mode honoured? (the model's token count says)
             for r in list(live):
                 j, n = r.first_computed

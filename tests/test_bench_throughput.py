@@ -89,3 +89,46 @@ def test_bad_flags_are_refused():
         throughput.main(["--methods", "vanilla,nope"])
     with pytest.raises(SystemExit):
         throughput.main(["--packing", "zip"])
+    with pytest.raises(SystemExit):
+        throughput.main(["--repeat", "0"])
+
+
+class _Scripted(throughput.Runner):
+    """A runner whose steps take the times it is given, and report them as their 'part'."""
+
+    name = "scripted"
+
+    def __init__(self, times):
+        super().__init__("none", [[[]]] * 4)
+        self.script = iter(times)
+        self.counter = type("C", (), {"take": lambda self: 7})()
+        self.part: list[float] = []
+
+    def step(self, i):
+        self.last = next(self.script)
+        return self.last
+
+    def run(self, i, record, rep=0):
+        super().run(i, record, rep)
+        if record:
+            self.keep(self.part, -self.last, rep)
+
+
+def test_repeat_keeps_each_batch_fastest_run_and_its_values():
+    r = _Scripted([5.0, 3.0, 4.0, 2.0, 6.0, 9.0])  # batch 0: 5, 3, 4; batch 1: 2, 6, 9
+    for i in range(2):
+        for rep in range(3):
+            r.run(i, record=True, rep=rep)
+    assert r.times == [3.0, 2.0] and r.steps == [0, 1] and r.computed == [7, 7]
+    assert r.part == [-3.0, -2.0]  # what the fastest run recorded, not the last one
+
+
+def test_repeat_runs_end_to_end(tmp_path):
+    """--repeat 2 on the MetaRM rows (and TRL's, whose repeats reuse its batch): one value per batch."""
+    methods = "metarm" + (",trl" if HAS_TRL else "")
+    result = throughput.main(TINY + ["--packing", "none", "--methods", methods, "--repeat", "2"])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert not result["skipped"], result["skipped"]
+    for method in ("metarm", "metarm-parts") + (("trl",) if HAS_TRL else ()):
+        assert rows[method]["step_s"]["n"] == 2, method
+    assert rows["metarm"]["perturb_s"]["n"] == 2 and rows["metarm-parts"]["J_s"]["n"] == 2
