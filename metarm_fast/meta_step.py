@@ -124,7 +124,13 @@ class _Restorer:
             return
         if use_hooks:
             # z is in each grad buffer until its hook restores it; the plan makes the per-call checks once
-            self.plan = RestorePlan(state.params, [p.grad for p in state.params], hints=hints)
+            try:
+                self.plan = RestorePlan(state.params, [p.grad for p in state.params], hints=hints)
+            except Exception:
+                restore_(state.params, [p.grad for p in state.params])  # never leave theta' behind
+                for p in state.params:
+                    p.grad.zero_()
+                raise
             self.handles = [p.register_hook(self._hook(i)) for i, p in enumerate(state.params)]
             self.seconds += time.perf_counter() - t0
         else:

@@ -94,6 +94,21 @@ def test_exception_in_second_pass_leaves_weights_restored(tmp_path):
     assert_bitwise_equal(tr.params, before)
 
 
+def test_a_restore_plan_that_cannot_be_built_leaves_weights_restored(tmp_path):
+    tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2))
+    before = snapshot(tr.params)
+    meta = tr.meta_batch(tr.next_meta_groups())
+    tr.zero_grad()
+    difference_loss(compute_rewards(tr.model, meta), meta["offsets"]).backward()
+    stats = perturb(tr.meta_state, tr.cfg.eta)
+    assert stats.changed > 0
+    stats.restore_hints = stats.restore_hints[:-1]  # hints that do not fit these params
+    with pytest.raises(ValueError, match="hints"):
+        with perturbed(tr.meta_state, use_hooks=True, stats=stats):
+            pass
+    assert_bitwise_equal(tr.params, before)
+
+
 def test_nonfinite_loss_skips_or_stops_with_weights_unchanged(tmp_path):
     for mode in ("skip", "stop"):
         tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2, on_nonfinite=mode))
