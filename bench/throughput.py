@@ -46,9 +46,9 @@ file). With --repeat R, every runner takes each batch R times in a row (each a r
 the runners still interleaved) and the batch keeps its fastest time, with the parts, machinery and
 tokens of that same run: noise on a shared machine only ever adds time, so the minimum is the
 steadier estimate of what a step costs (timeit's convention). TRL's repeats reuse the batch its
-dataloader gave (no second fetch), which can only favour TRL. Peak memory comes from one extra step, on the longest batch of the run, under
-bench.memory.peak (allocator statistics on a GPU, allocation accounting on the CPU; it slows the
-step, so that step is not timed).
+dataloader gave (no second fetch), which can only favour TRL. Peak memory comes from one extra
+step, on the longest batch of the run, under bench.memory.peak (allocator statistics on a GPU,
+allocation accounting on the CPU; it slows the step, so that step is not timed).
 
 Derived units
 -------------

@@ -294,22 +294,15 @@ def restore_reference_(
 ) -> None:
     """restore_ in plain torch: undo perturb_ bit for bit."""
     _check_restore_args(params, deltas, masters)
+    if masters is None:  # case A: the same restore as the hooks' (rows, finiteness, subnormal mode)
+        plan = RestorePlan(params, deltas, impl="torch")
+        for i in range(len(params)):
+            plan.restore(i)
+        return
     with torch.no_grad():
-        plain_sub = masters is None and _subnormals_kept(params)
-        for i, param in enumerate(params):
-            if param.numel() == 0:
-                continue
-            if masters is not None:
-                param.copy_(masters[i].to(param.dtype))
-                continue
-            rows = _sparse_rows(deltas[i])
-            if rows is not None:  # only the rows perturb_ moved (see perturb_reference_)
-                p2 = param.view(param.shape[0], -1)
-                p_sub = p2.index_select(0, rows)
-                _restore_block_(p_sub, deltas[i].view(param.shape[0], -1).index_select(0, rows), plain_sub)
-                p2.index_copy_(0, rows, p_sub)
-            else:
-                _restore_block_(param, deltas[i], plain_sub)
+        for param, master in zip(params, masters):
+            if param.numel():
+                param.copy_(master.to(param.dtype))
 
 
 def _restore_block_(param, z, plain_sub: bool) -> None:
@@ -782,7 +775,7 @@ class RestorePlan:
             for i, (p, z) in enumerate(zip(self.params, self.deltas)):
                 if p.numel():
                     self._rows[i] = _sparse_rows(z)
-                    if self._rows[i] is None:
+                    if self._rows[i] is None:  # else only the rows perturb_ moved (see perturb_reference_)
                         dense.append(i)
                     else:
                         self._plain[i] = kept  # the NaN check is made on the rows, in _restore_block_
