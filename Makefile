@@ -9,9 +9,26 @@ PIP = $(PYTHON) -m pip
 
 # A torch already present (a GPU user's) is kept; with none, the CPU build is installed
 # explicitly, because a bare `torch` requirement would pull a CUDA build of several GB.
+# constraints.txt holds the tested versions; a pin applies only to a package not installed yet.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	@$(PIP) install -q -e ".[test]"
+	@$(PYTHON) -c "$$MISSING_PINS" > .missing-constraints.txt
+	@$(PIP) install -q -c .missing-constraints.txt -e ".[test]"
+
+define MISSING_PINS
+import importlib.metadata as md
+def installed(name):
+    try:
+        md.distribution(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
+for line in open("constraints.txt"):
+    pin = line.split("#")[0].strip()
+    if pin and not installed(pin.split("==")[0]):
+        print(pin)
+endef
+export MISSING_PINS
 
 demo: install
 	$(PYTHON) -m metarm_fast.cli train --method metarm --output-dir runs/demo

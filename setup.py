@@ -17,10 +17,10 @@ setup(
     # On a machine with none, `make` installs the CPU build first (see Makefile).
     install_requires=[
         "torch>=2.4",
-        "triton>=3.1",
-        "transformers>=5.0",
-        "datasets>=3.0",
-        "bitsandbytes>=0.50",  # <= 0.49 fails on the CPU
+        "triton>=3.1,<4",
+        "transformers>=5.0,<6",
+        "datasets>=3.0,<6",
+        "bitsandbytes>=0.50,<1",  # <= 0.49 fails on the CPU
         "tqdm",
         "pyyaml",
         "matplotlib",

@@ -243,13 +243,13 @@ def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatch
     # fp64, as in the kernel: squares that cannot overflow or underflow. A finite fp64 sum means
     # every step was finite (an fp32 value squared stays far inside fp64's range).
     e64 = e.double().view(-1)
-    isq = float(torch.dot(e64, e64))
+    isq = sum_of_squares_(e64)
     nonfinite = 0
     if not math.isfinite(isq):
         e_finite = torch.isfinite(e)
         nonfinite = int((~e_finite).sum())
-        isq = float(torch.linalg.vector_norm(torch.where(e_finite, e, 0.0), dtype=torch.float64)) ** 2
-    if w is None and param.dtype == grad.dtype == torch.float32 and math.isfinite(float(param.sum())):
+        isq = sum_of_squares_(torch.where(e_finite, e, 0.0).double().view(-1))
+    if w is None and param.dtype == grad.dtype == torch.float32 and math.isfinite(float(_ordered_sum(param.view(-1)))):
         # fp32 weights and steps, every weight finite (a finite sum has no inf or NaN term): the
         # realised step of a moved weight is z itself, new - p == z exactly, so realised_sq is the
         # sum of the stored steps squared -- the same fp64 vector as (after - p), the same sum -- and
@@ -262,14 +262,13 @@ def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatch
         # tests/kernels/test_perturb.py checks it on random bit patterns.
         torch.where(ok, new, param, out=param)
         torch.where(ok, z, torch.zeros((), dtype=z.dtype, device=z.device), out=grad)
-        stored = grad.double().view(-1)
-        return int(ok.sum()), nonfinite, isq, float(torch.dot(stored, stored)), True
+        return int(ok.sum()), nonfinite, isq, sum_of_squares_(grad.double().view(-1)), True
     after = torch.where(ok, new, param)
     delta = after.double().view(-1)
     # exact in fp64: new - p where changed, p - p = 0 elsewhere (for a finite p). Both operands fp64:
     # torch's in-place fp64 -= fp32 takes a scalar casting loop, 20x slower than a copy and a subtract.
     delta -= p.double().view(-1)
-    rsq = float(torch.dot(delta, delta))
+    rsq = sum_of_squares_(delta)
     # Finite: p - p is 0 for every finite weight, and the squares of fp32 differences cannot overflow fp64.
     finite = math.isfinite(rsq)
     if not finite:
@@ -279,11 +278,37 @@ def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatch
         delta = new.double()
         delta -= p.double()
         delta.masked_fill_(~ok, 0.0)
-        rsq = float(torch.linalg.vector_norm(delta)) ** 2
+        rsq = sum_of_squares_(delta.view(-1))
     param.copy_(after)
     if w is None:
         torch.where(ok, z, torch.zeros((), dtype=z.dtype, device=z.device), out=grad)
     return int(ok.sum()), nonfinite, isq, rsq, finite
+
+
+_ROW = 4096  # width of the rows a long sum is split into
+_SERIAL = 16384  # torch sums fewer elements than its grain size (32768) on one thread
+
+
+def sum_of_squares_(x: torch.Tensor) -> float:
+    """sum(x * x) of a 1-D fp64 temporary, squared in place, by a sum whose bits do not depend on the
+    number of threads.
+
+    torch.dot (BLAS) and a full ``.sum()`` split a long sum among the threads, so its rounding changes
+    with the thread count (measured: 1 and 2 threads give different bits from 40k elements on). A
+    sum along the rows of a 2-D view is computed row by row, each row on one thread, and a sum of
+    fewer than the grain size is serial; so the rows' sums, then the sum of those, are the same on
+    any number of threads."""
+    x.square_()
+    return float(_ordered_sum(x))
+
+
+def _ordered_sum(x: torch.Tensor) -> torch.Tensor:
+    n = x.numel()
+    if n <= _SERIAL:
+        return x.sum()
+    k = n // _ROW
+    head = _ordered_sum(x[: k * _ROW].view(k, _ROW).sum(dim=1))
+    return head + x[k * _ROW :].sum()
 
 
 def restore_reference_(
@@ -314,7 +339,7 @@ def _restore_block_(param, z, plain_sub: bool) -> None:
     neither can occur, one subtraction over the tensor is the restore: 2 passes over memory instead
     of the 5 of the masked form, the cost that matters inside the backward pass. (A -0.0 in z would
     also differ from the masked form, for p = -0.0; perturb_ never stores one: see its mask.)"""
-    if plain_sub and not torch.isnan(param.sum()):  # NaN sum: a NaN weight, or both infinities
+    if plain_sub and not torch.isnan(_ordered_sum(param.view(-1))):  # NaN: a NaN weight, or both infinities
         param.sub_(z)
         return
     z = z.float()

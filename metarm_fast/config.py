@@ -56,7 +56,8 @@ class TrainConfig:
     precision: str = _f("fp32", "fp32; bf16 (pure, the meta step may vanish in rounding); bf16-master (bf16 compute copy, fp32 master weights)", ("fp32", "bf16", "bf16-master"))
     activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     center_coef: float = _f(0.0, "reward centering: adds c * mean((r_w + r_l)^2) to the loss (0.01 is TRL's suggestion)")
-    seed: int = _f(0, "seed for model init, data order and sampling; a CPU run repeats exactly")
+    seed: int = _f(0, "seed for model init, data order and sampling; a CPU run repeats exactly, at any thread count")
+    threads: int = _f(0, "CPU threads for torch; 0: torch's default (OMP_NUM_THREADS if set), at most the usable cores")
     # -- MetaRM ---------------------------------------------------------------------------------
     eta: float | None = _f(None, "meta step size (gradient ascent on J); default: equal to lr, as in the paper")
     meta_batch_size: int = _f(8, "prompts (each with its k responses) per meta batch")
@@ -93,6 +94,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "meta_batch_size", "meta_k", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"config: threads must be >= 0 (0: automatic), got {self.threads}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"config: eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 4:

@@ -14,10 +14,15 @@ from metarm_fast.kernels import bt_loss, difference_loss
 from metarm_fast.model import score_batch
 
 
-def copy_based_meta_step(trainer, micro_batches, meta_groups) -> dict:
-    """One MetaRM step on `trainer` through a deep copy of its model; then its usual optimizer step."""
+def copy_based_meta_grads(trainer, micro_batches, meta_groups) -> dict:
+    """Steps 1-4 of Algorithm 1 through a deep copy of ``trainer.model``: theta' and grad L(theta').
+
+    The trainer's own model is not touched. Returns theta' (``theta_prime``, one tensor per parameter),
+    the gradients (``grads``), the loss and J."""
     cfg = trainer.cfg
     shadow = copy.deepcopy(trainer.model)  # the full extra copy the in-place step avoids
+    for p in shadow.parameters():
+        p.grad = None
     meta = trainer.meta_batch(meta_groups)
     j = difference_loss(score_batch(shadow, meta), meta["offsets"], impl="torch")
     grads_j = torch.autograd.grad(j, list(shadow.parameters()))
@@ -25,6 +30,7 @@ def copy_based_meta_step(trainer, micro_batches, meta_groups) -> dict:
         for p, g in zip(shadow.parameters(), grads_j):
             p.add_(g, alpha=cfg.eta)  # theta' = theta + eta * grad J
     del grads_j
+    theta_prime = [p.detach().clone() for p in shadow.parameters()]
     total = sum(len(m) for m in micro_batches)
     loss_sum = 0.0
     for items in micro_batches:
@@ -34,12 +40,18 @@ def copy_based_meta_step(trainer, micro_batches, meta_groups) -> dict:
         loss = bt_loss(r[:n], r[n:], margin=batch.get("margin"), center_coef=cfg.center_coef, impl="torch")
         (loss * (n / total)).backward()
         loss_sum += loss.item() * n
+    grads = [p.grad for p in shadow.parameters()]
+    return {"theta_prime": theta_prime, "grads": grads, "loss": loss_sum / total, "J": j.item(), "pairs": total}
+
+
+def copy_based_meta_step(trainer, micro_batches, meta_groups) -> dict:
+    """One MetaRM step on ``trainer`` through a deep copy of its model; then its usual optimizer step."""
+    out = copy_based_meta_grads(trainer, micro_batches, meta_groups)
     with torch.no_grad():
-        for p, s in zip(trainer.model.parameters(), shadow.parameters()):
+        for p, g in zip(trainer.model.parameters(), out["grads"]):
             if p.grad is None:
-                p.grad = s.grad.clone()
+                p.grad = g.clone()
             else:
-                p.grad.copy_(s.grad)
-    del shadow
+                p.grad.copy_(g)
     grad_norm = trainer._optimizer_step()
-    return {"loss": loss_sum / total, "J": j.item(), "grad_norm": grad_norm, "pairs": total}
+    return {"loss": out["loss"], "J": out["J"], "grad_norm": grad_norm, "pairs": out["pairs"]}

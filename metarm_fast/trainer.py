@@ -31,6 +31,11 @@ from metarm_fast.meta_step import (
 )
 from metarm_fast.model import load_model, load_tokenizer, score_batch
 from metarm_fast.sources import meta_source, pair_source
+from metarm_fast.threads import busy_warning, set_threads
+
+
+# The J implementation the second-order term differentiates twice (see _metarm_grads).
+SECOND_ORDER_J_IMPL = "torch"
 
 
 @dataclass
@@ -51,9 +56,14 @@ class RewardTrainer:
         self.log = log
         seed_everything(cfg.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.threads = set_threads(cfg.threads)
+        busy = busy_warning(self.threads) if self.device.type == "cpu" else None
+        if busy:
+            warnings.warn(busy)
         self.tokenizer = load_tokenizer(cfg)
         self.model = load_model(cfg, self.tokenizer).to(self.device)
-        log(f"metarm-fast: attention {self.model.config._attn_implementation}, packing {cfg.packing}, device {self.device}")
+        log(f"metarm-fast: attention {self.model.config._attn_implementation}, packing {cfg.packing}, "
+            f"device {self.device}, {self.threads} CPU threads")
         self.model.train()
         self.encoder = Encoder(self.tokenizer, cfg.max_length, chat_template=cfg.chat_template)
         self.reports = []
@@ -183,9 +193,9 @@ class RewardTrainer:
         loss = bt_loss(r[:n], r[n:], margin=batch.get("margin"), center_coef=self.cfg.center_coef)
         return loss, r[:n].detach(), r[n:].detach()
 
-    def meta_objective(self, batch: dict):
+    def meta_objective(self, batch: dict, impl: str = "auto"):
         r = score_batch(self.model, batch)
-        return difference_loss(r, batch["offsets"]), r.detach()
+        return difference_loss(r, batch["offsets"], impl=impl), r.detach()
 
     def _l_pass(self, micro_batches, use_hooks_restorer=None) -> dict:
         """Forward/backward L over the micro-batches, each weighted by its share of the step's pairs."""
@@ -247,7 +257,9 @@ class RewardTrainer:
                 raise _NonFinite("grad J", torch.tensor(float("nan")))
             m = self._l_pass(micro_batches)
         if cfg.second_order:
-            second_order_correction_(self.params, lambda: self.meta_objective(meta)[0], cfg.eta)
+            # The Hessian-vector product differentiates J twice: the torch J (autograd all the way
+            # down), since the fused kernel's backward is itself not differentiable.
+            second_order_correction_(self.params, lambda: self.meta_objective(meta, impl=SECOND_ORDER_J_IMPL)[0], cfg.eta)
         ratio = math.sqrt(stats.realised_sq / stats.intended_sq) if stats.intended_sq > 0 else 0.0
         if vanished(stats) and not self._warned_vanished:
             self._warned_vanished = True
