@@ -29,7 +29,7 @@ not the 6.74e9 of the causal LM; `--params` overrides).
 The peak is the larger of two phases:
 - backward: standing + activations saved for backward + the backward working set (below);
 - optimizer step: standing + the fp32 gradients of the masters + the optimizer's temporaries.
-  The trainer (trainer.py `_master_step`) casts each bf16 gradient to fp32 just before its own
+  The trainer (`metarm_fast.steps.optimizer_step` with masters) casts each bf16 gradient to fp32 just before its own
   update: one tensor of 4 B/element at a time (`--master-grad-cast per-tensor`, the default, i.e. the
   code as written). `all` models casting every gradient at once (+4 B/param), as a naive trainer does.
   torch AdamW (single-tensor, as the trainer builds it) makes two temporaries the size of the
@@ -557,9 +557,14 @@ VALIDATE_CHECKS = {
 }
 
 
-def _geometry_of(batch: dict, rows_repeat_kv: bool) -> Geometry:
-    b, t = batch["input_ids"].shape
-    padded = bool((batch["attention_mask"] == 0).any())
+def geometry_of(batch, rows_repeat_kv: bool) -> Geometry:
+    """The geometry of a padded batch (a RewardBatch, or the dict ``collate`` returns)."""
+    if isinstance(batch, dict):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+    else:
+        ids, mask = batch.input_ids, batch.attention_mask
+    b, t = ids.shape
+    padded = bool((mask == 0).any())
     # Transformers passes no mask for an unpadded causal batch: SDPA is then causal, with native GQA.
     return Geometry(tokens=b * t, rewards=b, qk=b * t * t, mask_elems=b * t * t if padded else 0,
                     kv_repeated=padded and rows_repeat_kv)
@@ -610,32 +615,29 @@ def validate(hidden: int = 256, layers: int = 4, batch: int = 8, max_length: int
             activation_checkpointing=ckpt, output_dir=tempfile.mkdtemp(),
         )
         tr = RewardTrainer(cfg, log=lambda *x: None)
-        micro = next(iter(tr.step_batches()))
+        micro, _ = tr.step_inputs(0)
         groups = [[it.chosen, it.rejected] for it in micro[0]]
-        tr.next_meta_groups = lambda: groups
-        tr.train_step(micro)  # warm-up: optimizer states and gradient buffers exist from here on
+        tr.train_step(micro, groups)  # warm-up: optimizer states and gradient buffers exist from here on
 
         mc = tr.model.config
         shape = Shape("tiny-llama", mc.hidden_size, mc.num_hidden_layers, mc.num_attention_heads,
-                      mc.num_key_value_heads, mc.intermediate_size, tr.model.get_input_embeddings().num_embeddings)
+                      mc.num_key_value_heads, mc.intermediate_size, tr.model.hf.get_input_embeddings().num_embeddings)
         counted = sum(p.numel() for p in tr.params)
         if counted != shape.counted_params():
             raise AssertionError(f"parameter count of the shape ({shape.counted_params()}) != the model's ({counted})")
         cpu_sdpa_repeats = mc.num_key_value_heads < mc.num_attention_heads
-        geos = {"pairs": _geometry_of(tr.pair_batch(micro[0]), cpu_sdpa_repeats),
-                "meta": _geometry_of(tr.meta_batch(groups), cpu_sdpa_repeats)}
+        geos = {"pairs": geometry_of(tr.pair_batch(micro[0]), cpu_sdpa_repeats),
+                "meta": geometry_of(tr.meta_batch(groups), cpu_sdpa_repeats)}
         measured = {}
-        tr.cfg.method = "vanilla"
         measured["vanilla"] = peak(tr, lambda: tr.train_step(micro))
-        tr.cfg.method = "metarm"
-        measured["metarm"] = peak(tr, lambda: tr.train_step(micro))
+        measured["metarm"] = peak(tr, lambda: tr.train_step(micro, groups))
         if name == "fp32":
             measured["copy-based"] = peak(tr, lambda: copy_based_meta_step(tr, micro, groups))
         sb = standing_bytes(tr)
         for step, m in measured.items():
             pr = predict_cpu(shape, precision, ckpt, geos, step)
             rows.append({
-                "check": name, "step": step, "params": counted, "batch_shape": list(tr.pair_batch(micro[0])["input_ids"].shape),
+                "check": name, "step": step, "params": counted, "batch_shape": list(tr.pair_batch(micro[0]).input_ids.shape),
                 "measured_MiB": m / MIB, "predicted_MiB": pr["peak"] / MIB, "error": pr["peak"] / m - 1,
                 "standing_measured_MiB": sb / MIB, "standing_predicted_MiB": pr["standing"] / MIB,
                 "activations_predicted_MiB": pr["activations"] / MIB, "working_predicted_MiB": pr["working"] / MIB,

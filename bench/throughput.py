@@ -39,7 +39,7 @@ Method
 ------
 Every model starts from the same weights (seeded build, then the first model's state_dict loaded
 into all others) and a fresh optimizer; every method sees the same list of batches (taken once from
-`RewardTrainer.step_batches`). The methods run round-robin, step by step (the order rotated each
+`RewardTrainer.step_inputs`). The methods run round-robin, step by step (the order rotated each
 step), so a load change on the shared machine hits all of them alike. The first --warmup steps are
 left out; of the --steps that follow, the report gives median and spread (min/max; IQR in the
 file). With --repeat R, every runner takes each batch R times in a row (each a real optimizer step,
@@ -96,6 +96,7 @@ from bench.memory import environment
 from metarm_fast.memory import step_peak_bytes as peak
 from metarm_fast.config import SYNTHETIC, TINY_MODEL, TrainConfig
 from metarm_fast.reference import copy_based_meta_step
+from metarm_fast.steps import j_pass, l_pass, zero_grads
 from metarm_fast.trainer import RewardTrainer
 
 METHODS = ("vanilla", "metarm", "copy", "trl")
@@ -251,16 +252,16 @@ class TrainerRunner(Runner):
         torch.manual_seed(cfg.seed)
         self.tr = RewardTrainer(cfg, log=lambda *a, **k: None)
         if init_state is not None:
-            self.tr.model.load_state_dict(init_state)
-        self.model = self.tr.model
+            self.tr.model.hf.load_state_dict(init_state)
+        self.model = self.tr.model.hf
         self.counter = TokenCounter(self.model)
 
     def groups(self, i: int):
         # the meta batch: the step's prompts, each with its two responses as one unlabelled group
         return [[p.chosen, p.rejected] for mb in self.batches[i] for p in mb]
 
-    def _train_step(self, i: int) -> None:
-        m = self.last_metrics = self.tr.train_step(self.batches[i])
+    def _train_step(self, i: int, groups=None) -> None:
+        m = self.last_metrics = self.tr.train_step(self.batches[i], groups)
         if "skipped" in m:
             raise RuntimeError(f"{self.label}: step {i} was skipped: {m['skipped']}")
         self.tr.step += 1
@@ -273,7 +274,6 @@ class VanillaRunner(TrainerRunner):
     name = "vanilla"
 
     def step(self, i: int) -> float:
-        self.tr.cfg.method = "vanilla"
         t0 = _now()
         self._train_step(i)
         return _now() - t0
@@ -294,11 +294,9 @@ class MetaRunner(TrainerRunner):
             self.keep(self.machinery["restore"], self.last_metrics["meta_restore_ms"] / 1e3, rep)
 
     def step(self, i: int) -> float:
-        self.tr.cfg.method = "metarm"
         groups = self.groups(i)
-        self.tr.next_meta_groups = lambda: groups
         t0 = _now()
-        self._train_step(i)
+        self._train_step(i, groups)
         return _now() - t0
 
 
@@ -307,10 +305,9 @@ class CopyRunner(TrainerRunner):
     passes = 2
 
     def step(self, i: int) -> float:
-        self.tr.cfg.method = "metarm"
         groups = self.groups(i)
         t0 = _now()
-        self.tr.zero_grad()  # as train_step does
+        zero_grads(self.tr.params)  # as train_step does
         copy_based_meta_step(self.tr, self.batches[i], groups)
         t = _now() - t0
         self.tr.step += 1
@@ -331,13 +328,12 @@ class PartsRunner(TrainerRunner):
     def step(self, i: int) -> float:
         tr = self.tr
         t0 = _now()
-        j, _ = tr.meta_objective(tr.meta_batch(self.groups(i)))
-        j.backward()
+        j_pass(tr.model, tr.meta_batch(self.groups(i)))
         t1 = _now()
-        tr._l_pass(self.batches[i])
+        l_pass(tr.model, [tr.pair_batch(items) for items in self.batches[i]], tr.cfg.center_coef)
         t2 = _now()
-        tr._optimizer_step()
-        tr.zero_grad()
+        tr.optimizer_step()
+        zero_grads(tr.params)
         t3 = _now()
         tr.step += 1
         self._last = {"J": t1 - t0, "L": t2 - t1, "opt": t3 - t2}
@@ -739,15 +735,16 @@ def run(a, argv, packings: list[str], methods: list[str]) -> dict:
                 skip(f"{cls.name}[{packing}]", packing, f"trainer could not be built: {type(e).__name__}: {e}")
                 break  # the same config fails for every method
             if batches is None:
-                batches = list(r.tr.step_batches())
+                batches = [r.tr.step_inputs(s)[0] for s in range(r.tr.total_steps)]
                 r.batches = batches
-                init_state = {k: v.detach().clone() for k, v in r.tr.model.state_dict().items()}
+                init_state = {k: v.detach().clone() for k, v in r.tr.model.hf.state_dict().items()}
                 first = r.tr
             runners.append(r)
     if batches is None and not any(m in classes for m in methods):  # TRL alone: a trainer only for the batches
         src = VanillaRunner(build_config(a, "none"), "none", None, None)
-        batches, first = list(src.tr.step_batches()), src.tr
-        init_state = {k: v.detach().clone() for k, v in first.model.state_dict().items()}
+        first = src.tr
+        batches = [first.step_inputs(s)[0] for s in range(first.total_steps)]
+        init_state = {k: v.detach().clone() for k, v in first.model.hf.state_dict().items()}
     if batches is None:
         raise SystemExit("no runner could be built (see above)")
     if "trl" in methods:
@@ -764,7 +761,7 @@ def run(a, argv, packings: list[str], methods: list[str]) -> dict:
                 raise RuntimeError(f"{r.label}: initial weights differ from the first runner's at {k}")
 
     pf, peak_note = peak_flops(first.cfg.precision, a.peak_flops)
-    nflop = flop_params(first.model)
+    nflop = flop_params(first.model.hf)
     nparams = sum(p.numel() for p in first.model.parameters())
     attn = ", ".join(dict.fromkeys(f"{r.label} {r.model.config._attn_implementation}" for r in runners
                                    if not isinstance(r, (MetaRunner, CopyRunner, PartsRunner))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -86,11 +87,22 @@ def _print_summary(trainer, summary: dict) -> None:
         rows.append(("gap histogram", summary["meta_gap_histogram"]))
     for name, rep in trainer.reports:
         rows.append((f"{name} data", rep.summary()))
-    rows.append(("checkpoint", cfg.output_dir))
+    rows.append(("model (Hugging Face)", cfg.output_dir))
+    rows.append(("metrics", os.path.join(cfg.output_dir, "metrics.jsonl")))
+    rows.append(("resume checkpoints", os.path.join(cfg.output_dir, "checkpoints")))
     width = max(len(r[0]) for r in rows)
     print()
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+def _resume_command(cfg: TrainConfig) -> str:
+    args = [a for a in _ARGV if a != "--overwrite"]
+    if "--resume" in args:
+        i = args.index("--resume")
+        del args[i : i + 2]
+    args = [a for a in args if not a.startswith("--resume=")]
+    return "metarm-fast " + " ".join(args + ["--resume", "auto"])
 
 
 def cmd_train(ns) -> int:
@@ -99,7 +111,20 @@ def cmd_train(ns) -> int:
     cfg = config_from_args(ns).resolved()
     _print_config(cfg)
     trainer = RewardTrainer(cfg)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        from metarm_fast.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(os.path.join(cfg.output_dir, "checkpoints"))
+        print(f"metarm-fast train: stopped at once during step {trainer.step + 1}; the weights were restored. "
+              + (f"The last checkpoint is {last}: continue with `{_resume_command(cfg)}`." if last
+                 else "No checkpoint had been written."), file=sys.stderr)
+        return 130
+    if summary.get("interrupted"):
+        print(f"metarm-fast train: {summary['interrupted']} received; saved step {summary['steps']} to "
+              f"{summary['checkpoint']}. Continue with `{_resume_command(cfg)}`.")
+        return 0
     _print_summary(trainer, summary)
     return 0
 
@@ -160,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_ARGV: list[str] = []
+
+
 def main(argv: list[str] | None = None) -> int:
+    _ARGV[:] = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)

@@ -67,6 +67,10 @@ class TrainConfig:
     on_nonfinite: str = _f("skip", "a non-finite J or L: skip the step with a warning, or stop", ("skip", "stop"))
     # -- output ---------------------------------------------------------------------------------
     output_dir: str = _f("runs/latest", "checkpoint, resolved config and metrics.jsonl go here")
+    save_every: int = _f(500, "write a resume checkpoint every N optimizer steps (0: only when stopped by a signal)")
+    keep_last: int = _f(2, "keep the newest K resume checkpoints (0: all)")
+    resume: str | None = _f(None, "continue a run: 'auto' (the latest complete checkpoint in output_dir, or a fresh start if none) or a checkpoint folder")
+    overwrite: bool = _f(False, "replace another run's files in output_dir instead of stopping")
     eval_batch_size: int = _f(32, "pairs per evaluation batch")
     log_every: int = _f(1, "write metrics every N optimizer steps")
     progress: bool = _f(True, "show a progress bar")
@@ -91,6 +95,9 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"config: {f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        for name in ("save_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "grad_accum", "max_length", "meta_batch_size", "meta_k", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
@@ -112,6 +119,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def run_differences(self, other: dict) -> list[str]:
+        """Settings that change what a run computes and differ from ``other`` (a saved config dict)."""
+        mine = self.to_dict()
+        return sorted(k for k in mine if k not in NOT_RUN_SETTINGS and k in other and mine[k] != other[k])
+
+
+# Settings that change how a run is watched, saved or where it runs, not what it computes: a resume
+# may change them.
+NOT_RUN_SETTINGS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "resume",
+                              "overwrite", "threads", "eval_batch_size"})
 
 
 def config_fields():

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from metarm_fast.config import TrainConfig
-from metarm_fast.data import Encoder, collate
-from metarm_fast.model import compute_rewards, ensure_pad_token
+from metarm_fast.batch import EncodedPair, pair_batch
+from metarm_fast.data import Encoder
+from metarm_fast.model import RewardModel, ensure_pad_token
 from metarm_fast.sources import pair_source
 
 
@@ -22,11 +23,11 @@ def load_checkpoint(model_dir: str):
 @torch.no_grad()
 def score_pairs(model, tok, pairs, max_length: int = 512, batch_size: int = 32, chat_template: str = "auto"):
     enc = Encoder(tok, max_length, chat_template=chat_template)
+    rm = RewardModel(model)
     rc, rr = [], []
     for i in range(0, len(pairs), batch_size):
-        encoded = [enc.encode_pair(p) for p in pairs[i : i + batch_size]]
-        seqs = [c for c, _ in encoded] + [r for _, r in encoded]
-        r = compute_rewards(model, collate(seqs, tok.pad_token_id))
+        encoded = [EncodedPair(*enc.encode_pair(p)) for p in pairs[i : i + batch_size]]
+        r = rm(pair_batch(encoded, "none", tok.pad_token_id))
         rc.append(r[: len(encoded)])
         rr.append(r[len(encoded) :])
     return torch.cat(rc), torch.cat(rr), enc.truncated

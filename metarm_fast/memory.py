@@ -89,14 +89,10 @@ def compare_step_peaks(trainer) -> dict:
     that optimizer states and gradient buffers exist (they are the standing bytes of every step)."""
     from metarm_fast.reference import copy_based_meta_step
 
-    micro = next(iter(trainer.step_batches()))
+    micro, _ = trainer.step_inputs(0)
     groups = [[it.chosen, it.rejected] for it in micro[0]]
-    trainer.next_meta_groups = lambda: groups
-    trainer.cfg.method = "metarm"
-    trainer.train_step(micro)
-    trainer.cfg.method = "vanilla"
+    trainer.train_step(micro, groups)
     vanilla = step_peak_bytes(trainer, lambda: trainer.train_step(micro))
-    trainer.cfg.method = "metarm"
-    meta = step_peak_bytes(trainer, lambda: trainer.train_step(micro))
+    meta = step_peak_bytes(trainer, lambda: trainer.train_step(micro, groups))
     copy_based = step_peak_bytes(trainer, lambda: copy_based_meta_step(trainer, micro, groups))
     return {"param_bytes": tensor_bytes(trainer.params), "vanilla": vanilla, "metarm": meta, "copy_based": copy_based}

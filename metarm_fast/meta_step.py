@@ -1,27 +1,30 @@
-"""The MetaRM meta step (Algorithm 1 of Dou et al.), with an in-place perturbation and no weight copy.
+"""The MetaRM meta step (Algorithm 1 of Dou et al.) with one owner: perturb, the L pass, restore.
 
     1. J = difference loss on the meta batch at theta; backward -> grad J in the grad buffers.
     2. theta' = theta + eta * d, d = grad J (or grad J / (sqrt(v) + eps) with AdamW's own v), in place.
     3. L = Bradley-Terry loss on the preference batch at theta'; backward -> grad L(theta').
-    4. theta restored bit for bit; the optimizer then steps with grad L(theta') (the caller does it).
+    4. theta restored bit for bit; the optimizer then steps with grad L(theta').
+
+``MetaStep.perturbed()`` is steps 2 and 4 around the caller's step 3::
+
+    with meta.perturbed(micro_batches=n) as stats:   # grad J is in the .grad buffers
+        ...forward/backward of L...                  # at theta'
+    # theta is back, bitwise; .grad holds grad L(theta') only
 
 Where the exact restore information lives, so that no copy of the weights is ever made:
 - fp32 master weights with a bf16 compute copy: the masters are the backup. Only the compute copy is
   perturbed (from the masters) and the restore re-casts the masters.
-- no master (fp32, or pure bf16): `perturb_` turns the J gradient buffer into exactly what was added to
-  each weight, z, chosen so that `p' - z` gives back p's bits. During the L backward, a hook on each
-  parameter fires when its gradient arrives -- the moment no later backward node needs p' -- restores
-  p from z, zeroes the buffer and lets the new gradient accumulate into it. So z and grad L share one
-  buffer, and the step needs no memory beyond a vanilla step's (weights, grads, states, activations).
+- no master (fp32, or pure bf16): ``perturb_`` turns the J gradient buffer into exactly what was added
+  to each weight, z, chosen so that ``p' - z`` gives back p's bits. During the L backward, a hook on
+  each parameter fires when its gradient arrives -- the moment no later backward node needs p' --
+  restores p from z, zeroes the buffer and lets the new gradient accumulate into it. So z and grad L
+  share one buffer, and the step needs no memory beyond a vanilla step's.
   With gradient accumulation the hook cannot be used (later micro-batches still need theta'), and z
-  is moved to a side buffer the size of the gradients; this costs one gradient of memory.
+  moves to a side buffer the size of the gradients; this costs one gradient of memory.
+The caller never learns which scheme is in play.
 
-Anything that fails between step 2 and the end of the restore (an exception, a non-finite loss)
-restores the weights before it propagates: the model is never left perturbed.
-
-Optional exact second-order term (sgd direction): the true meta-gradient is
-(I + eta * H_J) grad L(theta'). `second_order_correction_` adds eta * H_J grad L(theta') with one
-more forward of J at theta and a double backward (a Hessian-vector product).
+Anything that fails inside the block (an exception, a non-finite loss, a KeyboardInterrupt) restores
+the weights before it propagates: the model is never left perturbed.
 """
 from __future__ import annotations
 
@@ -36,11 +39,86 @@ from metarm_fast.kernels import RestorePlan, perturb_, restore_
 
 
 @dataclass
-class MetaState:
-    """What the perturbation needs to know about the weights (see module docstring)."""
+class MetaStats:
+    """What one perturbation did, for the metrics and the vanished-step warning."""
 
-    params: list[torch.Tensor]  # the weights the forward pass uses, in order
-    masters: list[torch.Tensor] | None  # fp32 masters of a low-precision compute copy, or None
+    numel: int
+    changed: int  # weights whose forward-visible value changed
+    intended_sq: float
+    realised_sq: float
+    nonfinite: int  # elements of eta * d that were not finite (left unperturbed)
+    perturb_s: float = 0.0  # host time of the perturbation
+    restore_s: float = 0.0  # host time of the restore (plan, hooks, exit); filled in on exit
+
+    @property
+    def ratio(self) -> float:
+        return math.sqrt(self.realised_sq / self.intended_sq) if self.intended_sq > 0 else 0.0
+
+    @property
+    def frac_changed(self) -> float:
+        return self.changed / max(self.numel, 1)
+
+    @property
+    def vanished(self) -> bool:
+        """The perturbation was (almost) entirely lost to rounding in the weights the forward pass uses."""
+        return self.intended_sq > 0 and (self.changed == 0 or self.ratio < 0.1)
+
+
+class MetaStep:
+    """Owns the perturb -> L pass -> restore transaction over ``params`` (and their fp32 ``masters``).
+
+    ``direction``: "sgd" (d = grad J, the paper's) or "adam" (grad J preconditioned by the second
+    moments of ``optimizer`` over ``opt_params``; plain grad J before its first step)."""
+
+    def __init__(self, params, masters=None, *, eta: float, direction: str = "sgd", optimizer=None, opt_params=None):
+        self.params = list(params)
+        self.masters = list(masters) if masters is not None else None
+        self.eta = eta
+        self.direction = direction
+        self.optimizer = optimizer
+        self.opt_params = opt_params if opt_params is not None else self.params
+
+    @contextmanager
+    def perturbed(self, micro_batches: int = 1):
+        """theta' for the block; theta back on exit (normal or not). grad J must be in the .grad buffers."""
+        stats = self._perturb()
+        restorer = _Restorer(self.params, self.masters, use_hooks=micro_batches == 1, hints=self._hints)
+        try:
+            yield stats
+        finally:
+            restorer.restore_all()
+            stats.restore_s = restorer.seconds
+
+    def _perturb(self) -> MetaStats:
+        t0 = time.perf_counter()
+        grads = _grads(self.params)
+        vs, bc2 = (None, 1.0)
+        if self.direction == "adam":
+            vs, bc2 = adam_second_moments(self.optimizer, self.opt_params)
+        if vs is not None and any(isinstance(v, _Dequantized) for v in vs):
+            # One tensor at a time, each with its own transient fp32 v.
+            parts = []
+            for i, (p, g) in enumerate(zip(self.params, grads)):
+                v = vs[i]
+                masters = [self.masters[i]] if self.masters is not None else None
+                parts.append(perturb_([p], [g], self.eta, masters=masters, exp_avg_sq=[v() if callable(v) else v],
+                                      bias_correction2=bc2))
+            hints = [h for st in parts for h in st.restore_hints] if all(st.restore_hints is not None for st in parts) else None
+            st = _sum_stats(parts)
+        else:
+            st = perturb_(self.params, grads, self.eta, masters=self.masters, exp_avg_sq=vs, bias_correction2=bc2)
+            hints = st.restore_hints
+        self._hints = hints
+        if self.masters is not None:
+            for g in grads:  # the compute copy's J gradient is not needed any more; L accumulates from zero
+                g.zero_()
+        return MetaStats(st.numel, st.changed, st.intended_sq, st.realised_sq, st.nonfinite,
+                         perturb_s=time.perf_counter() - t0)
+
+
+def _sum_stats(parts):
+    first = parts[0]
+    return type(first)(**{f: sum(getattr(p, f) for p in parts) for f in first.__dataclass_fields__ if f != "restore_hints"})
 
 
 def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -82,71 +160,43 @@ class _Dequantized:
         return F.dequantize_blockwise(st["state2"], absmax=st["absmax2"], code=st["qmap2"], blocksize=256)
 
 
-def perturb(state: MetaState, eta: float, exp_avg_sq=None, bias_correction2: float = 1.0):
-    """Step 2: theta' = theta + eta * d in place; returns the kernel's realised-perturbation stats."""
-    grads = _grads(state.params)
-    if exp_avg_sq is not None and any(isinstance(v, _Dequantized) for v in exp_avg_sq):
-        # One tensor at a time, each with its own transient fp32 v.
-        total = None
-        for i, (p, g) in enumerate(zip(state.params, grads)):
-            v = exp_avg_sq[i]
-            masters = [state.masters[i]] if state.masters is not None else None
-            st = perturb_([p], [g], eta, masters=masters, exp_avg_sq=[v() if callable(v) else v],
-                          bias_correction2=bias_correction2)
-            total = st if total is None else _add_stats(total, st)
-    else:
-        total = perturb_(state.params, grads, eta, masters=state.masters, exp_avg_sq=exp_avg_sq,
-                         bias_correction2=bias_correction2)
-    if state.masters is not None:
-        for g in grads:  # the compute copy's J gradient is not needed any more; L accumulates from zero
-            g.zero_()
-    return total
-
-
-def _add_stats(a, b):
-    hints = a.restore_hints + b.restore_hints if a.restore_hints is not None and b.restore_hints is not None else None
-    return type(a)(**{f: getattr(a, f) + getattr(b, f) for f in a.__dataclass_fields__ if f != "restore_hints"},
-                   restore_hints=hints)
-
-
 class _Restorer:
     """Restores each weight as soon as its L gradient arrives (no-master case), and the rest on exit."""
 
-    def __init__(self, state: MetaState, use_hooks: bool, hints=None):
+    def __init__(self, params, masters, use_hooks: bool, hints=None):
         t0 = time.perf_counter()
-        self.seconds = 0.0  # host time spent restoring (plan, hooks, exit); the bench reports it
-        self.state = state
-        self.pending = set(range(len(state.params)))
+        self.seconds = 0.0
+        self.params, self.masters = params, masters
+        self.pending = set(range(len(params)))
         self.side_deltas: list[torch.Tensor] | None = None
         self.handles = []
         self.plan: RestorePlan | None = None
-        if state.masters is not None:
+        if masters is not None:
             return
         if use_hooks:
             # z is in each grad buffer until its hook restores it; the plan makes the per-call checks once
             try:
-                self.plan = RestorePlan(state.params, [p.grad for p in state.params], hints=hints)
-            except Exception:
-                restore_(state.params, [p.grad for p in state.params])  # never leave theta' behind
-                for p in state.params:
+                self.plan = RestorePlan(params, [p.grad for p in params], hints=hints)
+            except BaseException:
+                restore_(params, [p.grad for p in params])  # never leave theta' behind
+                for p in params:
                     p.grad.zero_()
                 raise
-            self.handles = [p.register_hook(self._hook(i)) for i, p in enumerate(state.params)]
-            self.seconds += time.perf_counter() - t0
+            self.handles = [p.register_hook(self._hook(i)) for i, p in enumerate(params)]
         else:
             # Gradient accumulation: theta' is needed by every micro-batch, so z moves aside.
-            self.side_deltas = [p.grad for p in state.params]
-            for p in state.params:
+            self.side_deltas = [p.grad for p in params]
+            for p in params:
                 p.grad = torch.zeros_like(p)
+        self.seconds += time.perf_counter() - t0
 
     def _hook(self, i: int):
         def hook(grad):
             if i in self.pending:
                 t0 = time.perf_counter()
-                p = self.state.params[i]
                 self.plan.restore(i)
                 self.pending.discard(i)
-                p.grad.zero_()  # the incoming gradient now accumulates onto zeros: exactly grad L
+                self.params[i].grad.zero_()  # the incoming gradient now accumulates onto zeros: exactly grad L
                 self.seconds += time.perf_counter() - t0
             return grad
 
@@ -156,14 +206,13 @@ class _Restorer:
         for h in self.handles:
             h.remove()
         self.handles = []
-        st = self.state
         if not self.pending:
             return
         t0 = time.perf_counter()
         idx = sorted(self.pending)
-        params = [st.params[i] for i in idx]
-        if st.masters is not None:
-            restore_(params, None, masters=[st.masters[i] for i in idx])
+        params = [self.params[i] for i in idx]
+        if self.masters is not None:
+            restore_(params, None, masters=[self.masters[i] for i in idx])
         elif self.side_deltas is not None:
             restore_(params, [self.side_deltas[i] for i in idx])
             self.side_deltas = None
@@ -172,21 +221,9 @@ class _Restorer:
             # before its backward: z is still in their grad buffers.
             for i in idx:
                 self.plan.restore(i)
-                st.params[i].grad.zero_()
+                self.params[i].grad.zero_()
         self.pending.clear()
         self.seconds += time.perf_counter() - t0
-
-
-@contextmanager
-def perturbed(state: MetaState, use_hooks: bool, stats=None):
-    """Run the L pass at theta'; on exit (normal or not) every weight is back to theta, bitwise.
-
-    ``stats``: what ``perturb`` returned for this state (its restore hints spare the restore a scan)."""
-    restorer = _Restorer(state, use_hooks, hints=getattr(stats, "restore_hints", None))
-    try:
-        yield restorer
-    finally:
-        restorer.restore_all()
 
 
 @contextmanager
@@ -201,7 +238,8 @@ def _math_attention():
 def second_order_correction_(params, j_fn, eta: float) -> None:
     """grad += eta * H_J(theta) @ grad, with the grads holding grad L(theta') and params at theta.
 
-    For the sgd direction only: d(theta')/d(theta) = I + eta * H_J, so this makes the update exact."""
+    For the sgd direction only: d(theta')/d(theta) = I + eta * H_J, so this makes the update exact.
+    ``j_fn`` must build J from ops that are twice differentiable (the torch J, not the fused kernel)."""
     vec = [p.grad.detach().clone() for p in params]  # one gradient-sized temporary
     with torch.enable_grad(), _math_attention():
         j = j_fn()
@@ -216,12 +254,3 @@ def second_order_correction_(params, j_fn, eta: float) -> None:
         h = next(it)
         if h is not None:
             p.grad.add_(h, alpha=eta)
-
-
-def finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x).all())
-
-
-def vanished(stats) -> bool:
-    """The perturbation was (almost) entirely lost to rounding in the weights the forward pass uses."""
-    return stats.intended_sq > 0 and (stats.changed == 0 or math.sqrt(stats.realised_sq / stats.intended_sq) < 0.1)

@@ -115,18 +115,29 @@ def _last_token_head(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
-def score_batch(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Rewards of a padded (collate) or packed (packing.pack) batch, in the batch's own order.
+class RewardModel(nn.Module):
+    """A reward model: ``forward(batch: RewardBatch) -> rewards (B,)`` in fp32, in the batch's order.
 
-    Packed pairs come out of the model as [c1, r1, c2, r2, ...]; `pairs` in the batch asks for the
-    trainer's [c1..cn, r1..rn], so every loss sees the same rewards in the same order whatever the layout.
+    The one place that knows the layouts (padded, pack, share-prompt) and the head: DDP, FSDP2 and
+    torch.compile wrap this module. ``hf`` is the Hugging Face ``*ForSequenceClassification`` it
+    holds (what the export saves).
     """
-    if "seq_ids" in batch:
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def forward(self, batch) -> torch.Tensor:
+        if batch.layout == "none":
+            return compute_rewards(self.hf, batch.as_dict())
         from metarm_fast.packing import compute_rewards_packed, pair_layout
 
-        r = compute_rewards_packed(model, batch)
-        return pair_layout(r) if batch.get("pairs") else r
-    return compute_rewards(model, batch)
+        r = compute_rewards_packed(self.hf, batch.as_dict())
+        return pair_layout(r) if batch.pairs else r
 
 
 def compute_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

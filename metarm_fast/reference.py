@@ -11,7 +11,6 @@ import copy
 import torch
 
 from metarm_fast.kernels import bt_loss, difference_loss
-from metarm_fast.model import score_batch
 
 
 def copy_based_meta_grads(trainer, micro_batches, meta_groups) -> dict:
@@ -24,23 +23,23 @@ def copy_based_meta_grads(trainer, micro_batches, meta_groups) -> dict:
     for p in shadow.parameters():
         p.grad = None
     meta = trainer.meta_batch(meta_groups)
-    j = difference_loss(score_batch(shadow, meta), meta["offsets"], impl="torch")
+    j = difference_loss(shadow(meta), meta.offsets, impl="torch")
     grads_j = torch.autograd.grad(j, list(shadow.parameters()))
     with torch.no_grad():
         for p, g in zip(shadow.parameters(), grads_j):
             p.add_(g, alpha=cfg.eta)  # theta' = theta + eta * grad J
     del grads_j
-    theta_prime = [p.detach().clone() for p in shadow.parameters()]
+    theta_prime = [p.detach().clone() for p in shadow.parameters() if p.requires_grad]
     total = sum(len(m) for m in micro_batches)
     loss_sum = 0.0
     for items in micro_batches:
         batch = trainer.pair_batch(items)
-        r = score_batch(shadow, batch)
+        r = shadow(batch)
         n = len(items)
-        loss = bt_loss(r[:n], r[n:], margin=batch.get("margin"), center_coef=cfg.center_coef, impl="torch")
+        loss = bt_loss(r[:n], r[n:], margin=batch.margin, center_coef=cfg.center_coef, impl="torch")
         (loss * (n / total)).backward()
         loss_sum += loss.item() * n
-    grads = [p.grad for p in shadow.parameters()]
+    grads = [p.grad for p in shadow.parameters() if p.requires_grad]
     return {"theta_prime": theta_prime, "grads": grads, "loss": loss_sum / total, "J": j.item(), "pairs": total}
 
 
@@ -48,10 +47,10 @@ def copy_based_meta_step(trainer, micro_batches, meta_groups) -> dict:
     """One MetaRM step on ``trainer`` through a deep copy of its model; then its usual optimizer step."""
     out = copy_based_meta_grads(trainer, micro_batches, meta_groups)
     with torch.no_grad():
-        for p, g in zip(trainer.model.parameters(), out["grads"]):
+        for p, g in zip(trainer.params, out["grads"]):
             if p.grad is None:
                 p.grad = g.clone()
             else:
                 p.grad.copy_(g)
-    grad_norm = trainer._optimizer_step()
+    grad_norm = trainer.optimizer_step()
     return {"loss": out["loss"], "J": out["J"], "grad_norm": grad_norm, "pairs": out["pairs"]}

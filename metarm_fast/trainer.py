@@ -1,8 +1,14 @@
-"""The reward-model trainer: vanilla Bradley-Terry steps and MetaRM steps on one loop.
+"""The reward-model trainer: set-up, the loop, checkpoints and the export.
+
+The step itself lives in ``metarm_fast.steps`` (functions of the model, the batches and the
+optimizer) and the meta step's transaction in ``metarm_fast.meta_step.MetaStep``. This file builds
+what they need, feeds them the batches of each step (``step_inputs``: a function of the seed and
+the step alone), and keeps a run resumable: ``state_dict`` holds everything an exact continuation
+needs, written by ``metarm_fast.checkpoint`` between steps, never between perturb and restore.
 
 Gradient buffers are kept allocated between steps (zeroed, not freed), as DeepSpeed and FSDP keep
 theirs: the meta step stores its exact-restore information in them, so both kinds of step hold the
-same buffers and the meta step's memory equals the vanilla step's (see meta_step.py).
+same buffers and the meta step's memory equals the vanilla step's.
 """
 from __future__ import annotations
 
@@ -11,38 +17,34 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 
+from metarm_fast import checkpoint as ckpt
+from metarm_fast.batch import EncodedPair, meta_batch, pair_batch
 from metarm_fast.config import TrainConfig
-from metarm_fast.data import Encoder, collate
-from metarm_fast.kernels import bt_loss, difference_loss
-from metarm_fast.meta_step import (
-    MetaState,
-    adam_second_moments,
-    finite,
-    perturb,
-    perturbed,
-    second_order_correction_,
-    vanished,
-)
-from metarm_fast.model import load_model, load_tokenizer, score_batch
+from metarm_fast.data import Encoder
+from metarm_fast.meta_step import MetaStep
+from metarm_fast.model import RewardModel, load_model, load_tokenizer
+from metarm_fast.sampler import EpochSampler
 from metarm_fast.sources import meta_source, pair_source
+from metarm_fast.steps import (
+    NonFiniteLoss,
+    group_gaps,
+    l_pass,
+    metarm_grads,
+    optimizer_step,
+    zero_grads,
+)
 from metarm_fast.threads import busy_warning, set_threads
 
-
-# The J implementation the second-order term differentiates twice (see _metarm_grads).
-SECOND_ORDER_J_IMPL = "torch"
-
-
-@dataclass
-class EncodedPair:
-    chosen: object  # EncodedSeq
-    rejected: object
-    margin: float | None
+METRICS = "metrics.jsonl"
+CONFIG = "metarm_fast_config.yaml"
+CHECKPOINTS = "checkpoints"
+_PAIR_STREAM, _META_STREAM = 1, 2
 
 
 def seed_everything(seed: int) -> None:
@@ -61,34 +63,15 @@ class RewardTrainer:
         if busy:
             warnings.warn(busy)
         self.tokenizer = load_tokenizer(cfg)
-        self.model = load_model(cfg, self.tokenizer).to(self.device)
+        self.model = RewardModel(load_model(cfg, self.tokenizer)).to(self.device)
         log(f"metarm-fast: attention {self.model.config._attn_implementation}, packing {cfg.packing}, "
             f"device {self.device}, {self.threads} CPU threads")
         self.model.train()
         self.encoder = Encoder(self.tokenizer, cfg.max_length, chat_template=cfg.chat_template)
         self.reports = []
+        self._load_data()
 
-        pairs, rep = pair_source(cfg.train_data, cfg)
-        self.reports.append(("train", rep))
-        self.eval_pairs = None
-        if cfg.eval_fraction > 0 and not cfg.eval_data:
-            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-            n_eval = max(1, int(len(pairs) * cfg.eval_fraction))
-            if n_eval >= len(pairs):
-                raise ValueError(f"{cfg.train_data}: eval_fraction {cfg.eval_fraction} leaves no training pairs")
-            self.eval_pairs = self._encode_pairs([pairs[i] for i in order[:n_eval]])
-            pairs = [pairs[i] for i in order[n_eval:]]
-        self.train_pairs = self._encode_pairs(pairs)
-        if cfg.eval_data:
-            pairs, rep = pair_source(cfg.eval_data, cfg)
-            self.reports.append(("eval", rep))
-            self.eval_pairs = self._encode_pairs(pairs)
-        self.meta_groups = None
-        if cfg.meta_data:
-            groups, rep = meta_source(cfg.meta_data, cfg)
-            self.reports.append(("meta", rep))
-            self.meta_groups = [self.encoder.encode_group(g) for g in groups]
-
+        self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.masters = None
         if cfg.precision == "bf16-master":
@@ -98,13 +81,43 @@ class RewardTrainer:
         self.optimizer = self._make_optimizer()
         self.total_steps = self._count_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.meta_state = MetaState(self.params, self.masters)
-        self._warned_vanished = False
-        self._meta_order: list[int] = []
-        self.step = 0
+        self.meta = MetaStep(self.params, self.masters, eta=cfg.eta, direction=cfg.meta_direction,
+                             optimizer=self.optimizer, opt_params=self.opt_params)
+        self.pair_sampler = EpochSampler(len(self.train_pairs), cfg.batch_size * cfg.grad_accum, cfg.seed, _PAIR_STREAM)
+        self.meta_sampler = (EpochSampler(len(self.meta_groups), cfg.meta_batch_size, cfg.seed, _META_STREAM)
+                             if self.meta_groups else None)
+        self.step = 0  # optimizer steps taken
+        self.warned_vanished = False
+        self.pairs_done = 0
+        self.train_seconds = 0.0
 
     # -- set-up ----------------------------------------------------------------------------------
-    def _encode_pairs(self, pairs) -> list[EncodedPair]:
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        pairs, rep = pair_source(cfg.train_data, cfg)
+        self.reports.append(("train", rep))
+        self.eval_pairs = None
+        if cfg.eval_fraction > 0 and not cfg.eval_data:
+            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            n_eval = max(1, int(len(pairs) * cfg.eval_fraction))
+            if n_eval >= len(pairs):
+                raise ValueError(f"{cfg.train_data}: eval_fraction {cfg.eval_fraction} leaves no training pairs")
+            self.eval_pairs = self.encode_pairs([pairs[i] for i in order[:n_eval]])
+            pairs = [pairs[i] for i in order[n_eval:]]
+        if not pairs:
+            raise ValueError(f"{cfg.train_data}: no training pairs")
+        self.train_pairs = self.encode_pairs(pairs)
+        if cfg.eval_data:
+            pairs, rep = pair_source(cfg.eval_data, cfg)
+            self.reports.append(("eval", rep))
+            self.eval_pairs = self.encode_pairs(pairs)
+        self.meta_groups = None
+        if cfg.meta_data:
+            groups, rep = meta_source(cfg.meta_data, cfg)
+            self.reports.append(("meta", rep))
+            self.meta_groups = [self.encoder.encode_group(g) for g in groups]
+
+    def encode_pairs(self, pairs) -> list[EncodedPair]:
         out = []
         for p in pairs:
             c, r = self.encoder.encode_pair(p)
@@ -137,183 +150,128 @@ class RewardTrainer:
         return 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
 
     # -- batches ---------------------------------------------------------------------------------
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    def _dense_mask(self) -> bool:
+        return self.model.config._attn_implementation in ("sdpa", "eager")
 
-    def _pack(self, groups) -> dict:
-        from metarm_fast.packing import pack
+    def pair_batch(self, items: list[EncodedPair]):
+        return pair_batch(items, self.cfg.packing, self.tokenizer.pad_token_id, padding_side=self.cfg.padding_side,
+                          dense_mask=self._dense_mask()).to(self.device)
 
-        dense = self.model.config._attn_implementation in ("sdpa", "eager")
-        return pack(groups, share_prompt=self.cfg.packing == "share-prompt", dense_mask=dense)
+    def meta_batch(self, groups):
+        return meta_batch(groups, self.cfg.packing, self.tokenizer.pad_token_id, padding_side=self.cfg.padding_side,
+                          dense_mask=self._dense_mask()).to(self.device)
 
-    def pair_batch(self, items: list[EncodedPair]) -> dict:
-        if self.cfg.packing != "none":
-            batch = self._to_device(self._pack([[it.chosen, it.rejected] for it in items]))
-            batch["pairs"] = True  # score_batch returns [chosen..., rejected...]
-        else:
-            seqs = [it.chosen for it in items] + [it.rejected for it in items]
-            batch = self._to_device(collate(seqs, self.tokenizer.pad_token_id, self.cfg.padding_side))
-        if any(it.margin is not None for it in items):
-            batch["margin"] = torch.tensor([it.margin or 0.0 for it in items], device=self.device)
-        return batch
-
-    def meta_batch(self, groups: list[list]) -> dict:
-        if self.cfg.packing != "none":
-            return self._to_device(self._pack(groups))  # carries `offsets` already
-        seqs = [s for g in groups for s in g]
-        batch = self._to_device(collate(seqs, self.tokenizer.pad_token_id, self.cfg.padding_side))
-        sizes = torch.tensor([len(g) for g in groups])
-        batch["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]).to(self.device)
-        return batch
-
-    def step_batches(self):
-        """Yield, per optimizer step, its list of micro-batches of pairs (epochs reshuffled by seed)."""
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        per_step = self.cfg.batch_size * self.cfg.grad_accum
-        order: list[int] = []
-        for _ in range(self.total_steps):
-            if len(order) < per_step:
-                order += torch.randperm(len(self.train_pairs), generator=g).tolist()
-            idx, order = order[:per_step], order[per_step:]
-            items = [self.train_pairs[i] for i in idx]
-            yield [items[i : i + self.cfg.batch_size] for i in range(0, len(items), self.cfg.batch_size)]
-
-    def next_meta_groups(self) -> list[list]:
-        """The meta iterator cycles on its own, reshuffled each pass."""
-        if len(self._meta_order) < self.cfg.meta_batch_size:
-            g = torch.Generator().manual_seed(self.cfg.seed + 7919 * (self.step + 1))
-            self._meta_order += torch.randperm(len(self.meta_groups), generator=g).tolist()
-        idx, self._meta_order = self._meta_order[: self.cfg.meta_batch_size], self._meta_order[self.cfg.meta_batch_size :]
-        return [self.meta_groups[i] for i in idx]
-
-    # -- losses ----------------------------------------------------------------------------------
-    def pair_loss(self, batch: dict):
-        r = score_batch(self.model, batch)
-        n = r.shape[0] // 2
-        loss = bt_loss(r[:n], r[n:], margin=batch.get("margin"), center_coef=self.cfg.center_coef)
-        return loss, r[:n].detach(), r[n:].detach()
-
-    def meta_objective(self, batch: dict, impl: str = "auto"):
-        r = score_batch(self.model, batch)
-        return difference_loss(r, batch["offsets"], impl=impl), r.detach()
-
-    def _l_pass(self, micro_batches, use_hooks_restorer=None) -> dict:
-        """Forward/backward L over the micro-batches, each weighted by its share of the step's pairs."""
-        total = sum(len(m) for m in micro_batches)
-        loss_sum, correct = 0.0, 0
-        for items in micro_batches:
-            loss, rc, rr = self.pair_loss(self.pair_batch(items))
-            if not finite(loss):
-                raise _NonFinite("L", loss)
-            (loss * (len(items) / total)).backward()
-            loss_sum += loss.item() * len(items)
-            correct += int((rc > rr).sum())
-        return {"loss": loss_sum / total, "accuracy": correct / total, "pairs": total}
+    def step_inputs(self, step: int):
+        """The micro-batches of pairs and the meta groups of optimizer step ``step`` (0-based)."""
+        items = [self.train_pairs[i] for i in self.pair_sampler.indices(step)]
+        bs = self.cfg.batch_size
+        micro = [items[i : i + bs] for i in range(0, len(items), bs)]
+        groups = None
+        if self.cfg.method == "metarm":
+            groups = [self.meta_groups[i] for i in self.meta_sampler.indices(step)]
+        return micro, groups
 
     # -- the step --------------------------------------------------------------------------------
-    def zero_grad(self):
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
-
-    def train_step(self, micro_batches) -> dict:
-        """One optimizer step: vanilla or MetaRM. Returns its metrics; a non-finite loss skips it."""
-        self.zero_grad()
+    def train_step(self, micro_batches, meta_groups=None) -> dict:
+        """One optimizer step from these inputs: vanilla, or MetaRM when ``meta_groups`` is given.
+        Returns its metrics; a non-finite loss skips it (weights unchanged) or stops the run."""
+        cfg = self.cfg
+        zero_grads(self.params)
+        batches = [self.pair_batch(items) for items in micro_batches]
         try:
-            if self.cfg.method == "metarm":
-                m = self._metarm_grads(micro_batches)
+            if meta_groups is not None:
+                m = metarm_grads(self.model, self.meta, batches, self.meta_batch(meta_groups),
+                                 center_coef=cfg.center_coef, second_order=cfg.second_order)
+                self._warn_if_vanished(m.pop("_stats"))
             else:
-                m = self._l_pass(micro_batches)
-        except _NonFinite as e:
-            self.zero_grad()
-            if self.cfg.on_nonfinite == "stop":
+                m = l_pass(self.model, batches, cfg.center_coef)
+        except NonFiniteLoss as e:
+            zero_grads(self.params)
+            if cfg.on_nonfinite == "stop":
                 raise RuntimeError(f"step {self.step + 1}: {e}; the weights were left as before the step") from None
             warnings.warn(f"step {self.step + 1}: {e}; step skipped, weights unchanged")
             return {"skipped": str(e)}
-        m["grad_norm"] = self._optimizer_step()
+        m["grad_norm"] = self.optimizer_step()
         m["lr"] = self.scheduler.get_last_lr()[0]
         return m
 
-    def _metarm_grads(self, micro_batches) -> dict:
-        cfg = self.cfg
-        # 1. J and grad J at theta.
-        meta = self.meta_batch(self.next_meta_groups())
-        j, r_meta = self.meta_objective(meta)
-        if not finite(j):
-            raise _NonFinite("J", j)
-        j.backward()
-        precond = None
-        if cfg.meta_direction == "adam":
-            precond = adam_second_moments(self.optimizer, self.opt_params)
-            if precond[0] is None:
-                precond = None  # no second moments before the first optimizer step: plain gradient
-        # 2. theta' = theta + eta * d, in place.
-        t0 = time.perf_counter()
-        stats = perturb(self.meta_state, cfg.eta, *(precond or (None, 1.0)))
-        perturb_s = time.perf_counter() - t0
-        # 3. L and grad L at theta'; 4. theta restored (as gradients arrive, or on exit).
-        with perturbed(self.meta_state, use_hooks=len(micro_batches) == 1, stats=stats) as restorer:
-            if stats.nonfinite:  # counted by the perturbation pass itself: no separate sweep over grad J
-                raise _NonFinite("grad J", torch.tensor(float("nan")))
-            m = self._l_pass(micro_batches)
-        if cfg.second_order:
-            # The Hessian-vector product differentiates J twice: the torch J (autograd all the way
-            # down), since the fused kernel's backward is itself not differentiable.
-            second_order_correction_(self.params, lambda: self.meta_objective(meta, impl=SECOND_ORDER_J_IMPL)[0], cfg.eta)
-        ratio = math.sqrt(stats.realised_sq / stats.intended_sq) if stats.intended_sq > 0 else 0.0
-        if vanished(stats) and not self._warned_vanished:
-            self._warned_vanished = True
-            warnings.warn(
-                f"meta step {self.step + 1}: the perturbation eta * grad J was lost to rounding in the "
-                f"{self.params[0].dtype} weights (realised/intended norm {ratio:.3g}, "
-                f"{stats.changed} of {stats.numel} weights changed); MetaRM is acting as vanilla training. "
-                + ("Use a larger --eta, or --precision fp32." if cfg.precision == "bf16-master"
-                   else "Use --precision fp32 or bf16-master (fp32 master weights), or a larger --eta.")
-            )
-        gaps = _group_gaps(r_meta, meta["offsets"])
-        m.update(
-            J=j.item(),
-            meta_frac_changed=stats.changed / max(stats.numel, 1),
-            meta_realised_ratio=ratio,
-            meta_gap_mean=float(gaps.mean()) if gaps.numel() else 0.0,
-            meta_gaps=[round(x, 5) for x in gaps.tolist()],
-            # Host wall time of the meta machinery. On a GPU these time the kernel launches, not the
-            # kernels (no synchronisation is forced for them).
-            meta_perturb_ms=perturb_s * 1e3,
-            meta_restore_ms=restorer.seconds * 1e3,
-        )
-        return m
+    def optimizer_step(self) -> float:
+        """Clip and step from the gradients in the .grad buffers (the last part of ``train_step``)."""
+        return optimizer_step(self.params, self.optimizer, self.scheduler, masters=self.masters,
+                              max_grad_norm=self.cfg.max_grad_norm)
 
-    def _optimizer_step(self) -> float:
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        if self.masters is None:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-            self.optimizer.step()
-        else:
-            norm = self._master_step(max_norm)
-        self.scheduler.step()
-        return norm
+    def _warn_if_vanished(self, stats) -> None:
+        if not stats.vanished or self.warned_vanished:
+            return
+        self.warned_vanished = True
+        warnings.warn(
+            f"meta step {self.step + 1}: the perturbation eta * grad J was lost to rounding in the "
+            f"{self.params[0].dtype} weights (realised/intended norm {stats.ratio:.3g}, "
+            f"{stats.changed} of {stats.numel} weights changed); MetaRM is acting as vanilla training. "
+            + ("Use a larger --eta, or --precision fp32." if self.cfg.precision == "bf16-master"
+               else "Use --precision fp32 or bf16-master (fp32 master weights), or a larger --eta.")
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything an exact continuation needs (a DCP state dict: nested dicts of tensors and values)."""
+        sd = {
+            "model": self.model.state_dict(),
+            "optimizer": ckpt.flatten(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "train": {
+                "step": self.step,
+                "warned_vanished": self.warned_vanished,
+                "pairs_done": self.pairs_done,
+                "train_seconds": self.train_seconds,
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "config": self.cfg.to_dict(),
+            },
+        }
+        if self.masters is not None:
+            sd["masters"] = dict(zip(self.param_names, self.masters))
+        return sd
+
+    def load_state_dict_from(self, path: str) -> None:
+        """Continue from the checkpoint at ``path`` (refuses one whose run settings differ)."""
+        self._init_optimizer_state()
+        sd = self.state_dict()
+        probe = {"train": {"config": sd["train"]["config"]}}
+        ckpt.load_checkpoint(path, probe)
+        diff = self.cfg.run_differences(probe["train"]["config"])
+        if diff:
+            saved = probe["train"]["config"]
+            raise ValueError(
+                f"--resume {path}: the checkpoint was written by a run with other settings: "
+                + ", ".join(f"{k}={saved[k]!r} (now {getattr(self.cfg, k)!r})" for k in diff)
+                + "; resume with the same settings, or start a new run in another --output-dir"
+            )
+        ckpt.load_checkpoint(path, sd)
+        self.optimizer.load_state_dict(ckpt.unflatten(sd["optimizer"]))
+        self.scheduler.load_state_dict(sd["scheduler"])
+        t = sd["train"]
+        self.step, self.warned_vanished = int(t["step"]), bool(t["warned_vanished"])
+        self.pairs_done, self.train_seconds = int(t["pairs_done"]), float(t["train_seconds"])
+        torch.set_rng_state(t["torch_rng"])
+        random.setstate(t["python_rng"])
 
     @torch.no_grad()
-    def _master_step(self, max_norm: float) -> float:
-        """Update the fp32 masters one tensor at a time from the bf16 gradients.
-
-        Casting every gradient to fp32 at once would hold 4 more bytes per parameter during the step
-        (26 GB for a 7B model). The optimizers used here (torch AdamW, bitsandbytes' 8-bit AdamW) skip
-        parameters whose .grad is None and keep per-parameter state, so stepping with one master
-        gradient set at a time is the same update.
-        """
-        # The norm as torch's clip_grad_norm_ forms it (norm of per-tensor norms), one fp32 tensor at a time.
-        norms = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params])
-        total = torch.linalg.vector_norm(norms)
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p, mp in zip(self.params, self.masters):
-            mp.grad = p.grad.float()
-            mp.grad.mul_(scale)
-            self.optimizer.step()
-            mp.grad = None
-            p.copy_(mp)  # the compute copy is always exactly round(master)
-        return float(total)
+    def _init_optimizer_state(self) -> None:
+        """Create the optimizer's per-parameter state (a step with zero gradients and lr 0), so that a
+        checkpoint's state can be loaded into tensors of the right shapes. The weights do not move."""
+        if self.optimizer.state:
+            return
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["lr"] = 0.0
+        for p in self.opt_params:
+            p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        for p in self.opt_params:
+            p.grad = None if self.masters is not None else p.grad.zero_()
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -323,7 +281,7 @@ class RewardTrainer:
         bs = self.cfg.eval_batch_size
         for i in range(0, len(pairs), bs):
             items = pairs[i : i + bs]
-            r = score_batch(self.model, self.pair_batch(items))
+            r = self.model(self.pair_batch(items))
             rc.append(r[: len(items)])
             rr.append(r[len(items) :])
         self.model.train()
@@ -340,83 +298,206 @@ class RewardTrainer:
         gaps = []
         for i in range(0, min(len(self.meta_groups), max_groups), self.cfg.meta_batch_size):
             batch = self.meta_batch(self.meta_groups[i : min(i + self.cfg.meta_batch_size, max_groups)])
-            gaps.append(_group_gaps(score_batch(self.model, batch), batch["offsets"]).cpu())
+            gaps.append(group_gaps(self.model(batch), batch.offsets).cpu())
         self.model.train()
         return torch.cat(gaps)
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
+        """Run (or continue) the training; returns the summary. Stopped by SIGINT/SIGTERM, it finishes
+        the step, writes a checkpoint and returns with ``summary["interrupted"]`` set."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        t0 = time.perf_counter()
-        pairs_done = 0
-        bar = tqdm(total=self.total_steps, disable=not cfg.progress, unit="step", dynamic_ncols=True)
-        with open(metrics_path, "w") as mf:
-            for micro_batches in self.step_batches():
-                m = self.train_step(micro_batches)
-                self.step += 1
-                pairs_done += m.get("pairs", 0)
-                rate = pairs_done / (time.perf_counter() - t0)
-                m.update(step=self.step, pairs_per_s=round(rate, 2))
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    mf.write(json.dumps(m) + "\n")
-                    mf.flush()
-                if "loss" in m:
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}", pairs_s=f"{rate:.1f}")
-                bar.update(1)
+        resume_from = prepare_output_dir(cfg)
+        if resume_from:
+            self.load_state_dict_from(resume_from)
+            self.log(f"metarm-fast: resuming from {resume_from} (step {self.step} of {self.total_steps})")
+        write_config(cfg)
+        metrics = open_metrics(cfg.output_dir, self.step)
+        stop = _StopRequest()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        root = os.path.join(cfg.output_dir, CHECKPOINTS)
+        saved_at = self.step if resume_from else None
+        try:
+            with stop.installed():
+                while self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    m = self.train_step(*self.step_inputs(self.step))
+                    self.train_seconds += time.perf_counter() - t0
+                    self.step += 1
+                    self.pairs_done += m.get("pairs", 0)
+                    rate = self.pairs_done / max(self.train_seconds, 1e-9)
+                    m.update(step=self.step, pairs_per_s=round(rate, 2))
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        metrics.write(json.dumps(m) + "\n")
+                        metrics.flush()
+                    if "loss" in m:
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}", pairs_s=f"{rate:.1f}")
+                    bar.update(1)
+                    if stop.requested or (cfg.save_every and self.step % cfg.save_every == 0):
+                        metrics.flush()
+                        os.fsync(metrics.fileno())
+                        ckpt.save_checkpoint(root, self.step, self.state_dict(), cfg.keep_last)
+                        saved_at = self.step
+                    if stop.requested:
+                        bar.close()
+                        metrics.close()
+                        return {"interrupted": stop.requested, "steps": self.step, "checkpoint": ckpt.step_dir(root, self.step)}
+        finally:
             bar.close()
-            summary = {"steps": self.step, "train_time_s": round(time.perf_counter() - t0, 2), "pairs_per_s": round(rate, 2)}
-            if self.eval_pairs:
-                summary["eval"] = self.evaluate()
-                if cfg.train_data.startswith("synthetic") and cfg.eval_data != "synthetic:shifted":
-                    shifted, _ = pair_source("synthetic:shifted", cfg)
-                    summary["eval_shifted"] = self.evaluate(self._encode_pairs(shifted[:256]))
-            if self.meta_groups:
-                gaps = self.meta_gaps()
-                summary["meta_gaps"] = {"mean": float(gaps.mean()), "median": float(gaps.median()), "n": gaps.numel()}
-                summary["meta_gap_histogram"] = save_gap_histogram(gaps, os.path.join(cfg.output_dir, "meta_reward_gaps.png"))
-            mf.write(json.dumps({"final": summary}) + "\n")
-        self.save(cfg.output_dir, summary)
+        summary = {"steps": self.step, "train_time_s": round(self.train_seconds, 2),
+                   "pairs_per_s": round(self.pairs_done / max(self.train_seconds, 1e-9), 2)}
+        if self.eval_pairs:
+            summary["eval"] = self.evaluate()
+            if cfg.train_data.startswith("synthetic") and cfg.eval_data != "synthetic:shifted":
+                shifted, _ = pair_source("synthetic:shifted", cfg)
+                summary["eval_shifted"] = self.evaluate(self.encode_pairs(shifted[:256]))
+        if self.meta_groups:
+            gaps = self.meta_gaps()
+            summary["meta_gaps"] = {"mean": float(gaps.mean()), "median": float(gaps.median()), "n": gaps.numel()}
+            summary["meta_gap_histogram"] = save_gap_histogram(gaps, os.path.join(cfg.output_dir, "meta_reward_gaps.png"))
+        metrics.write(json.dumps({"final": summary}) + "\n")
+        metrics.close()
+        if saved_at != self.step:
+            ckpt.save_checkpoint(root, self.step, self.state_dict(), cfg.keep_last)
+        self.export(cfg.output_dir, summary)
         summary["truncated_records"] = self.encoder.truncated
         return summary
 
-    # -- saving ----------------------------------------------------------------------------------
-    def save(self, out_dir: str, summary: dict | None = None) -> None:
-        """Write the checkpoint into a temporary folder, then move each file into place.
-
-        A crash while writing leaves the previous checkpoint (or none) and a `.partial` folder, never a
-        half-written weights file under the final name.
-        """
-        import yaml
-
-        tmp = os.path.join(out_dir, ".partial")
+    # -- the export ------------------------------------------------------------------------------
+    def export(self, out_dir: str, summary: dict | None = None) -> None:
+        """The Hugging Face checkpoint (weights, tokenizer, reward mean/std), apart from the resume
+        checkpoints. Written into a temporary folder, then each file moved into place, so a crash
+        while writing never leaves a half-written weights file under the final name."""
+        hf = self.model.hf
+        tmp = os.path.join(out_dir, ".export.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         if summary and "eval" in summary:
             # PPO trainers normalise rewards with these.
-            self.model.config.reward_mean = summary["eval"]["reward_mean"]
-            self.model.config.reward_std = summary["eval"]["reward_std"]
+            hf.config.reward_mean = summary["eval"]["reward_mean"]
+            hf.config.reward_std = summary["eval"]["reward_std"]
         state_dict = None
         if self.masters is not None:
             # Save the fp32 masters, not their rounded bf16 compute copy.
-            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-            state_dict = dict(self.model.state_dict())
-            state_dict.update({n: m.detach() for n, m in zip(names, self.masters)})
-        self.model.save_pretrained(tmp, state_dict=state_dict)
+            state_dict = dict(hf.state_dict())
+            state_dict.update({n.removeprefix("hf."): m.detach() for n, m in zip(self.param_names, self.masters)})
+        hf.save_pretrained(tmp, state_dict=state_dict)
         self.tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "metarm_fast_config.yaml"), "w") as f:
-            yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
         for name in sorted(os.listdir(tmp)):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
         os.rmdir(tmp)
 
 
-class _NonFinite(Exception):
-    def __init__(self, what: str, value):
-        super().__init__(f"non-finite {what} ({float(value.detach())})")
+class _StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish its step, save and return; a second SIGINT stops at once
+    (KeyboardInterrupt: the meta step restores the weights on its way out)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def installed(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def cm():
+            import threading
+
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+        return cm()
+
+
+# -- the output folder -------------------------------------------------------------------------------
+_RUN_FILES = (METRICS, CONFIG, CHECKPOINTS, "config.json", "model.safetensors", "meta_reward_gaps.png")
+
+
+def prepare_output_dir(cfg: TrainConfig) -> str | None:
+    """Decide between a fresh start and a resume; returns the checkpoint to resume from, or None.
+
+    A fresh start into a folder holding another run's files stops with a message (``--overwrite``
+    removes them first). ``--resume auto`` takes the latest complete checkpoint, or starts fresh when
+    there is none (over a run of the same settings that crashed before its first checkpoint)."""
+    out = cfg.output_dir
+    root = os.path.join(out, CHECKPOINTS)
+    if cfg.resume and cfg.resume != "auto":
+        path = cfg.resume
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            latest = ckpt.latest_checkpoint(path) or ckpt.latest_checkpoint(os.path.join(path, CHECKPOINTS))
+            if latest is None:
+                raise ValueError(f"--resume {path}: no complete checkpoint there (a checkpoint is a "
+                                 f"{CHECKPOINTS}/step-NNNNNNNN folder written by --save-every or a stop)")
+            path = latest
+        return path
+    if cfg.resume == "auto":
+        latest = ckpt.latest_checkpoint(root)
+        if latest:
+            return latest
+    present = [f for f in _RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if present and not cfg.overwrite:
+        same = cfg.resume == "auto" and _saved_config_matches(cfg)
+        if not same:
+            raise ValueError(f"output dir {out} holds another run's files ({', '.join(present)}); pass --overwrite "
+                             "to replace them, --resume auto to continue that run, or another --output-dir")
+    for f in present:
+        p = os.path.join(out, f)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    return None
+
+
+def _saved_config_matches(cfg: TrainConfig) -> bool:
+    import yaml
+
+    path = os.path.join(cfg.output_dir, CONFIG)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        saved = yaml.safe_load(f) or {}
+    return not cfg.run_differences(saved)
+
+
+def write_config(cfg: TrainConfig) -> None:
+    import yaml
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    path = os.path.join(cfg.output_dir, CONFIG)
+    with open(path + ".tmp", "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(path + ".tmp", path)
+
+
+def open_metrics(out_dir: str, step: int):
+    """metrics.jsonl for appending, holding exactly the lines of steps 1..``step`` (a resume drops the
+    lines a crashed run wrote after its last checkpoint)."""
+    path = os.path.join(out_dir, METRICS)
+    kept = []
+    if step > 0 and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                if "step" in rec and rec["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
 
 
 def pair_metrics(rc: torch.Tensor, rr: torch.Tensor) -> dict:
@@ -428,18 +509,6 @@ def pair_metrics(rc: torch.Tensor, rr: torch.Tensor) -> dict:
         "reward_mean": float(all_r.mean()),
         "reward_std": float(all_r.std()) if all_r.numel() > 1 else 0.0,
     }
-
-
-def _group_gaps(r: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """|r_i - r_j| for every pair of responses of the same prompt (the paper's reward-gap histograms)."""
-    out = []
-    offs = offsets.tolist()
-    for a, b in zip(offs[:-1], offs[1:]):
-        g = r[a:b].detach().float()
-        d = (g[:, None] - g[None, :]).abs()
-        iu = torch.triu_indices(len(g), len(g), offset=1)
-        out.append(d[iu[0], iu[1]])
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def save_gap_histogram(gaps: torch.Tensor, path: str) -> str:

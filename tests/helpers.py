@@ -20,6 +20,7 @@ def tiny_config(tmp_path, **overrides) -> TrainConfig:
         progress=False,
         warmup_ratio=0.0,
         lr=1e-3,
+        overwrite=True,  # tests that check the output folder's rules pass overwrite=False
     )
     base.update(overrides)
     return TrainConfig(**base)
@@ -39,3 +40,28 @@ def assert_bitwise_equal(a_list, b_list) -> None:
     for i, (a, b) in enumerate(zip(a_list, b_list)):
         assert a.dtype == b.dtype and a.shape == b.shape, i
         assert torch.equal(bits(a), bits(b)), f"tensor {i} differs in {int((bits(a) != bits(b)).sum())} elements"
+
+
+def meta_grads(tr, micro, groups):
+    """The MetaRM gradient of one step of ``tr`` (the step function the trainer calls), grads zeroed first."""
+    from metarm_fast.steps import metarm_grads, zero_grads
+
+    zero_grads(tr.params)
+    return metarm_grads(tr.model, tr.meta, [tr.pair_batch(items) for items in micro], tr.meta_batch(groups),
+                        center_coef=tr.cfg.center_coef, second_order=tr.cfg.second_order)
+
+
+def l_grads(tr, micro):
+    from metarm_fast.steps import l_pass, zero_grads
+
+    zero_grads(tr.params)
+    return l_pass(tr.model, [tr.pair_batch(items) for items in micro], tr.cfg.center_coef)
+
+
+def run_steps(tr, n=None):
+    """Take ``n`` optimizer steps (default: all) the way the loop does, without the output folder."""
+    out = []
+    for s in range(tr.step, tr.total_steps if n is None else tr.step + n):
+        out.append(tr.train_step(*tr.step_inputs(s)))
+        tr.step += 1
+    return out

@@ -4,12 +4,12 @@ import warnings
 import pytest
 import torch
 
+from metarm_fast import steps
 from metarm_fast.kernels import difference_loss
-from metarm_fast.meta_step import perturb, perturbed
-from metarm_fast.model import compute_rewards
+from metarm_fast.steps import j_pass, l_pass, zero_grads
 from metarm_fast.reference import copy_based_meta_grads
 from metarm_fast.trainer import RewardTrainer
-from tests.helpers import assert_bitwise_equal, snapshot, tiny_config
+from tests.helpers import assert_bitwise_equal, meta_grads, snapshot, tiny_config
 
 
 def _ulp(t: torch.Tensor) -> torch.Tensor:
@@ -26,15 +26,13 @@ def test_meta_step_matches_copy_based_algorithm_1(tmp_path, grad_accum):
     cfg = tiny_config(tmp_path, method="metarm", eta=1e-3, grad_accum=grad_accum, batch_size=2)
     fast, ref = RewardTrainer(cfg), RewardTrainer(cfg)
     assert_bitwise_equal(fast.params, ref.params)
-    for micro in list(fast.step_batches())[:3]:
-        groups = fast.next_meta_groups()
-        fast.next_meta_groups = lambda: groups
+    for step in range(3):
+        micro, groups = fast.step_inputs(step)
         expected = copy_based_meta_grads(ref, micro, groups)
         theta = snapshot(fast.params)
         seen = []  # the weights each forward pass saw: J at theta, then L at theta' (once per micro-batch)
-        hook = fast.model.base_model.register_forward_pre_hook(lambda *_: seen.append(snapshot(fast.params)))
-        fast.zero_grad()
-        fast._metarm_grads(micro)
+        hook = fast.model.register_forward_pre_hook(lambda *_: seen.append(snapshot(fast.params)))
+        meta_grads(fast, micro, groups)
         hook.remove()
         assert len(seen) == 1 + grad_accum
         assert_bitwise_equal(seen[0], theta)
@@ -55,8 +53,8 @@ def test_meta_step_matches_copy_based_algorithm_1(tmp_path, grad_accum):
         # changes the update.
         for p, q in zip(ref.params, fast.params):
             p.grad = q.grad.clone()
-        fast._optimizer_step()
-        ref._optimizer_step()
+        fast.optimizer_step()
+        ref.optimizer_step()
         assert_bitwise_equal(fast.params, ref.params)
         for a, b in zip(fast.params, ref.params):
             sa, sb = fast.optimizer.state[a], ref.optimizer.state[b]
@@ -89,12 +87,9 @@ def test_eta_zero_is_bitwise_vanilla(tmp_path):
 
 def _perturb_then(tr, fn):
     """Run J + perturbation, then `fn` inside the perturbed region."""
-    meta = tr.meta_batch(tr.next_meta_groups())
-    tr.zero_grad()
-    j = difference_loss(compute_rewards(tr.model, meta), meta["offsets"])
-    j.backward()
-    stats = perturb(tr.meta_state, tr.cfg.eta)
-    with perturbed(tr.meta_state, use_hooks=True):
+    zero_grads(tr.params)
+    j_pass(tr.model, tr.meta_batch(tr.step_inputs(0)[1]))
+    with tr.meta.perturbed() as stats:
         fn()
     return stats
 
@@ -105,72 +100,76 @@ def test_restore_is_bitwise(tmp_path, precision):
     before = snapshot(tr.params)
     seen = {}
 
-    def l_pass():
+    def at_theta_prime():
         seen["moved"] = sum(int((p != b).sum()) for p, b in zip(tr.params, before))
-        tr._l_pass(next(iter(tr.step_batches())))
+        l_pass(tr.model, [tr.pair_batch(items) for items in tr.step_inputs(0)[0]])
 
-    stats = _perturb_then(tr, l_pass)
+    stats = _perturb_then(tr, at_theta_prime)
     assert seen["moved"] > 0 and stats.changed > 0  # the L pass really ran at theta'
     assert_bitwise_equal(tr.params, before)
 
 
-def test_exception_in_second_pass_leaves_weights_restored(tmp_path):
+def test_exception_in_second_pass_leaves_weights_restored(tmp_path, monkeypatch):
     tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2))
     before = snapshot(tr.params)
-    real = tr.pair_loss
+    real = steps.pair_loss
 
-    def failing(batch):
-        loss, rc, rr = real(batch)
+    def failing(model, batch, center_coef=0.0):
+        loss, rc, rr = real(model, batch, center_coef)
         loss.backward(retain_graph=True)  # some weights are restored by their hooks before the failure
         raise RuntimeError("injected failure")
 
-    tr.pair_loss = failing
+    monkeypatch.setattr(steps, "pair_loss", failing)
     with pytest.raises(RuntimeError, match="injected"):
-        tr.train_step(next(iter(tr.step_batches())))
+        tr.train_step(*tr.step_inputs(0))
     assert_bitwise_equal(tr.params, before)
 
 
-def test_a_restore_plan_that_cannot_be_built_leaves_weights_restored(tmp_path):
+def test_a_restore_plan_that_cannot_be_built_leaves_weights_restored(tmp_path, monkeypatch):
+    import metarm_fast.meta_step as ms
+
     tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2))
     before = snapshot(tr.params)
-    meta = tr.meta_batch(tr.next_meta_groups())
-    tr.zero_grad()
-    difference_loss(compute_rewards(tr.model, meta), meta["offsets"]).backward()
-    stats = perturb(tr.meta_state, tr.cfg.eta)
-    assert stats.changed > 0
-    stats.restore_hints = stats.restore_hints[:-1]  # hints that do not fit these params
+    zero_grads(tr.params)
+    j_pass(tr.model, tr.meta_batch(tr.step_inputs(0)[1]))
+
+    class Broken(ms.RestorePlan):
+        def __init__(self, *a, **k):
+            raise ValueError("injected: hints that do not fit")
+
+    monkeypatch.setattr(ms, "RestorePlan", Broken)
     with pytest.raises(ValueError, match="hints"):
-        with perturbed(tr.meta_state, use_hooks=True, stats=stats):
+        with tr.meta.perturbed():
             pass
     assert_bitwise_equal(tr.params, before)
 
 
-def test_nonfinite_loss_skips_or_stops_with_weights_unchanged(tmp_path):
+def test_nonfinite_loss_skips_or_stops_with_weights_unchanged(tmp_path, monkeypatch):
+    real = steps.pair_loss
     for mode in ("skip", "stop"):
         tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2, on_nonfinite=mode))
         before = snapshot(tr.params)
-        real = tr.pair_loss
-        tr.pair_loss = lambda batch: (real(batch)[0] * float("nan"), None, None)
-        micro = next(iter(tr.step_batches()))
+        monkeypatch.setattr(steps, "pair_loss", lambda m, b, c=0.0: (real(m, b, c)[0] * float("nan"), None, None))
+        micro = tr.step_inputs(0)
         if mode == "skip":
             with pytest.warns(UserWarning, match="non-finite L"):
-                m = tr.train_step(micro)
+                m = tr.train_step(*micro)
             assert "skipped" in m
         else:
             with pytest.raises(RuntimeError, match="non-finite L"):
-                tr.train_step(micro)
+                tr.train_step(*micro)
         assert_bitwise_equal(tr.params, before)
 
 
 def test_vanished_perturbation_warns_in_pure_bf16(tmp_path):
     tr = RewardTrainer(tiny_config(tmp_path, method="metarm", precision="bf16", eta=5e-6, max_steps=1))
     with pytest.warns(UserWarning, match="lost to rounding"):
-        m = tr.train_step(next(iter(tr.step_batches())))
+        m = tr.train_step(*tr.step_inputs(0))
     assert m["meta_realised_ratio"] < 0.1
     ok = RewardTrainer(tiny_config(tmp_path, method="metarm", precision="fp32", eta=1e-3, max_steps=1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        m = ok.train_step(next(iter(ok.step_batches())))
+        m = ok.train_step(*ok.step_inputs(0))
     assert m["meta_frac_changed"] > 0.9 and 0.99 < m["meta_realised_ratio"] <= 1.0 + 1e-6
 
 
@@ -199,9 +198,7 @@ def test_second_order_matches_torch_func(tmp_path):
     eta = 1e-3
     cfg = tiny_config(tmp_path, method="metarm", eta=eta, second_order=True, attn_implementation="eager", max_steps=1)
     tr = RewardTrainer(cfg)
-    micro = next(iter(tr.step_batches()))
-    meta_groups = tr.next_meta_groups()
-    tr._meta_order = []  # replay the same meta batch inside the trainer
+    micro, meta_groups = tr.step_inputs(0)
     names = [n for n, _ in tr.model.named_parameters()]
     theta = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     meta, pref = tr.meta_batch(meta_groups), tr.pair_batch(micro[0])
@@ -212,7 +209,7 @@ def test_second_order_matches_torch_func(tmp_path):
             self.m = m
 
         def forward(self, batch):
-            return compute_rewards(self.m, batch)
+            return self.m(batch)
 
     w = Wrapped(tr.model)
 
@@ -220,7 +217,7 @@ def test_second_order_matches_torch_func(tmp_path):
         return functional_call(w, {"m." + k: v for k, v in params.items()}, (batch,))
 
     def j_fn(params):
-        return difference_loss(rewards(params, meta), meta["offsets"], impl="torch")
+        return difference_loss(rewards(params, meta), meta.offsets, impl="torch")
 
     def l_fn(params):
         r = rewards(params, pref)
@@ -237,10 +234,7 @@ def test_second_order_matches_torch_func(tmp_path):
     gj = grad(j_fn)(theta)
     first_order = grad(l_fn)({k: theta[k] + eta * gj[k] for k in theta})
 
-    tr._meta_order = []
-    tr.next_meta_groups = lambda: meta_groups
-    tr.zero_grad()
-    tr._metarm_grads(micro)
+    meta_grads(tr, micro, meta_groups)
     ours = {n: p.grad for n, p in zip(names, tr.model.parameters())}
     gap = max((exact[n] - first_order[n]).abs().max().item() for n in names)
     assert gap > 1e-4, "the second-order term is too small for this test to tell anything"
@@ -272,17 +266,16 @@ def test_adam_direction_reads_8bit_second_moments(tmp_path):
         assert t.dtype == torch.float32 and t.shape == p.shape and bool((t >= 0).all())
         err = float((t - ref_v[id(p)]).norm() / ref_v[id(p)].norm())
         assert err < 0.1, err  # a wrong blocksize or code book gives errors of order 1
-    tr.zero_grad()
-    meta = tr.meta_batch(tr.next_meta_groups())
-    tr.meta_objective(meta)[0].backward()
+    zero_grads(tr.params)
+    j_pass(tr.model, tr.meta_batch(tr.step_inputs(0)[1]))
     before = snapshot(tr.params)
-    stats = perturb(tr.meta_state, eta, vs, bc2)
+    ctx = tr.meta.perturbed(micro_batches=2)  # no L pass follows: the side-buffer restore, on exit
+    stats = ctx.__enter__()
     steps = torch.cat([(p - b).abs().flatten() for p, b in zip(tr.params, before)])
     assert stats.changed > 0 and float(steps.max()) <= eta * (1 + 1e-3)
     frac_full = float((steps > 0.9 * eta).float().mean())
     assert 0.0 < frac_full < 0.99  # some elements at the |g| floor (|d| ~ 1), others preconditioned below it
-    with perturbed(tr.meta_state, use_hooks=False):
-        pass
+    ctx.__exit__(None, None, None)
     assert_bitwise_equal(tr.params, before)
 
 
@@ -294,8 +287,7 @@ def test_second_order_runs_when_the_kernels_take_the_triton_path(tmp_path, monke
         monkeypatch.setenv("METARM_FAST_KERNELS", kernels)
         tr = RewardTrainer(tiny_config(tmp_path / kernels, method="metarm", eta=1e-2, second_order=True,
                                        attn_implementation="eager", max_steps=1))
-        tr.zero_grad()
-        tr._metarm_grads(next(iter(tr.step_batches())))
+        meta_grads(tr, *tr.step_inputs(0))
         return [p.grad.clone() for p in tr.params]
 
     for a, b in zip(grads("triton"), grads("torch")):

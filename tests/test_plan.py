@@ -130,7 +130,7 @@ def test_activation_formula_counts_exactly_what_torch_saves(dtype, lengths):
     c = model.config
     shape = plan.Shape("t", c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
                        c.intermediate_size, c.vocab_size)
-    geo = plan._geometry_of(batch, rows_repeat_kv=True)
+    geo = plan.geometry_of(batch, rows_repeat_kv=True)
     predicted = plan.model_saved_bytes(shape, geo, 4 if dtype == torch.float32 else 2)["total"]
     assert _saved_bytes(model, batch) == predicted
 

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from metarm_fast.trainer import RewardTrainer
-from tests.helpers import assert_bitwise_equal, tiny_config
+from tests.helpers import assert_bitwise_equal, run_steps, tiny_config
 
 
 def _same(a, b) -> bool:
@@ -79,13 +79,7 @@ SETTINGS = {
 
 
 def _steps(tr, n):
-    out = []
-    for i, micro in enumerate(tr.step_batches()):
-        if i == n:
-            break
-        out.append(tr.train_step(micro))
-        tr.step += 1
-    return out
+    return run_steps(tr, n)
 
 
 @pytest.fixture

@@ -7,24 +7,23 @@ import torch
 from metarm_fast.cli import main
 from metarm_fast.config import TrainConfig
 from metarm_fast.trainer import RewardTrainer
-from tests.helpers import assert_bitwise_equal, tiny_config
+from tests.helpers import assert_bitwise_equal, l_grads, tiny_config
 
 
 def test_grad_accumulation_equals_the_big_batch(tmp_path):
     big = RewardTrainer(tiny_config(tmp_path / "a", batch_size=8, grad_accum=1, max_steps=3))
     acc = RewardTrainer(tiny_config(tmp_path / "b", batch_size=2, grad_accum=4, max_steps=3))
-    for mb_big, mb_acc in zip(big.step_batches(), acc.step_batches()):
+    for s in range(3):
+        mb_big, mb_acc = big.step_inputs(s)[0], acc.step_inputs(s)[0]
         assert [p for m in mb_big for p in m] == [p for m in mb_acc for p in m]  # same pairs per step
-        big.zero_grad()
-        acc.zero_grad()
-        lb, la = big._l_pass(mb_big), acc._l_pass(mb_acc)
+        lb, la = l_grads(big, mb_big), l_grads(acc, mb_acc)
         assert la["loss"] == pytest.approx(lb["loss"], rel=1e-6) and la["accuracy"] == lb["accuracy"]
         for a, b in zip(big.params, acc.params):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
         # The accumulated gradient is the claim; parameters are not compared after the step, since
         # Adam turns a 1e-9 difference in a near-zero gradient element into a step of ~lr.
-        big._optimizer_step()
-        acc._optimizer_step()
+        big.optimizer_step()
+        acc.optimizer_step()
 
 
 def test_cpu_run_repeats_exactly_with_a_seed(tmp_path):
@@ -57,7 +56,7 @@ def test_checkpoint_round_trip_gives_the_same_rewards(tmp_path):
     model, tok = load_checkpoint(out)
     pairs = SyntheticTask(0).pairs("eval", n=32)
     rc, rr, _ = score_pairs(model, tok, pairs, max_length=48)
-    tc, trr = tr.score_pairs(tr._encode_pairs(pairs))
+    tc, trr = tr.score_pairs(tr.encode_pairs(pairs))
     torch.testing.assert_close(rc, tc, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rr, trr, rtol=1e-5, atol=1e-6)
     # transformers' own head agrees on right-padded batches: the saved pad id is not the eos id.
@@ -141,11 +140,11 @@ def test_master_update_one_tensor_at_a_time_equals_the_whole_step(tmp_path, opti
     cfgs = dict(precision="bf16-master", optimizer=optimizer, max_grad_norm=0.05)
     a = RewardTrainer(tiny_config(tmp_path / "a", **cfgs))
     b = RewardTrainer(tiny_config(tmp_path / "b", **cfgs))
-    for micro in list(a.step_batches())[:2]:
+    for s in range(2):
+        micro = a.step_inputs(s)[0]
         for tr in (a, b):
-            tr.zero_grad()
-            tr._l_pass(micro)
-        a._optimizer_step()
+            l_grads(tr, micro)
+        a.optimizer_step()
         with torch.no_grad():
             for p, mp in zip(b.params, b.masters):
                 mp.grad = p.grad.float()

@@ -1,0 +1,147 @@
+"""One optimizer step, as functions of their inputs: the model, the batches, the optimizer.
+
+- ``l_pass``: forward/backward of the Bradley-Terry loss over micro-batches (gradients accumulate);
+- ``j_pass``: forward/backward of the difference loss J on a meta batch (grad J in the .grad buffers);
+- ``metarm_grads``: Algorithm 1's gradient: J pass, perturbation, L pass at theta', restore, and
+  the optional second-order term;
+- ``optimizer_step``: clipping and the optimizer (through fp32 masters when there are any).
+
+The trainer's loop and the benchmarks call these; nothing here keeps state between steps.
+"""
+from __future__ import annotations
+
+import torch
+
+from metarm_fast.kernels import bt_loss, difference_loss
+from metarm_fast.meta_step import MetaStep, second_order_correction_
+
+# The J implementation the second-order term differentiates twice: the torch J (autograd all the way
+# down), since the fused kernel's backward is itself not differentiable.
+SECOND_ORDER_J_IMPL = "torch"
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, what: str, value: float):
+        super().__init__(f"non-finite {what} ({value})")
+        self.what = what
+
+
+def finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def pair_loss(model, batch, center_coef: float = 0.0):
+    """(L, chosen rewards, rejected rewards) of one pair batch."""
+    r = model(batch)
+    n = r.shape[0] // 2
+    loss = bt_loss(r[:n], r[n:], margin=batch.margin, center_coef=center_coef)
+    return loss, r[:n].detach(), r[n:].detach()
+
+
+def l_pass(model, batches, center_coef: float = 0.0, loss_fn=None) -> dict:
+    """Forward/backward L over the micro-batches, each weighted by its share of the step's pairs."""
+    loss_fn = loss_fn or pair_loss
+    total = sum(b.num_sequences // 2 for b in batches)
+    loss_sum, correct = 0.0, 0
+    for b in batches:
+        n = b.num_sequences // 2
+        loss, rc, rr = loss_fn(model, b, center_coef)
+        if not finite(loss):
+            raise NonFiniteLoss("L", float(loss.detach()))
+        (loss * (n / total)).backward()
+        loss_sum += loss.item() * n
+        correct += int((rc > rr).sum())
+    return {"loss": loss_sum / total, "accuracy": correct / total, "pairs": total}
+
+
+def j_pass(model, batch, impl: str = "auto"):
+    """J at the current weights and its backward; returns (J, rewards)."""
+    r = model(batch)
+    j = difference_loss(r, batch.offsets, impl=impl)
+    if not finite(j):
+        raise NonFiniteLoss("J", float(j.detach()))
+    j.backward()
+    return j.detach(), r.detach()
+
+
+def group_gaps(r: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """|r_i - r_j| for every pair of responses of the same prompt (the paper's reward-gap histograms)."""
+    out = []
+    offs = offsets.tolist()
+    for a, b in zip(offs[:-1], offs[1:]):
+        g = r[a:b].detach().float()
+        d = (g[:, None] - g[None, :]).abs()
+        iu = torch.triu_indices(len(g), len(g), offset=1)
+        out.append(d[iu[0], iu[1]])
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef: float = 0.0,
+                 second_order: bool = False, loss_fn=None) -> dict:
+    """grad_{theta'} L(theta') in the .grad buffers (plus eta * H_J grad L with ``second_order``), the
+    weights back at theta. Returns the L metrics, J and the perturbation's stats."""
+    j, r_meta = j_pass(model, meta_batch)
+    with meta.perturbed(micro_batches=len(pair_batches)) as stats:
+        if stats.nonfinite:  # counted by the perturbation pass itself: no separate sweep over grad J
+            raise NonFiniteLoss("grad J", float("nan"))
+        m = l_pass(model, pair_batches, center_coef, loss_fn)
+    if second_order:
+        params = meta.params
+        second_order_correction_(params, lambda: difference_loss(model(meta_batch), meta_batch.offsets,
+                                                                 impl=SECOND_ORDER_J_IMPL), meta.eta)
+    gaps = group_gaps(r_meta, meta_batch.offsets)
+    m.update(
+        J=j.item(),
+        meta_frac_changed=stats.frac_changed,
+        meta_realised_ratio=stats.ratio,
+        meta_gap_mean=float(gaps.mean()) if gaps.numel() else 0.0,
+        meta_gaps=[round(x, 5) for x in gaps.tolist()],
+        # Host wall time of the meta machinery. On a GPU these time the kernel launches, not the
+        # kernels (no synchronisation is forced for them).
+        meta_perturb_ms=stats.perturb_s * 1e3,
+        meta_restore_ms=stats.restore_s * 1e3,
+    )
+    m["_stats"] = stats
+    return m
+
+
+def zero_grads(params) -> None:
+    """Zero the gradient buffers, keeping them allocated (the meta step stores its restore data there)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.zero_()
+
+
+def optimizer_step(params, optimizer, scheduler=None, *, masters=None, max_grad_norm: float = 0.0) -> float:
+    """Clip (``max_grad_norm`` > 0) and step; returns the gradient norm before clipping."""
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    if masters is None:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        optimizer.step()
+    else:
+        norm = _master_step(params, masters, optimizer, max_norm)
+    if scheduler is not None:
+        scheduler.step()
+    return norm
+
+
+@torch.no_grad()
+def _master_step(params, masters, optimizer, max_norm: float) -> float:
+    """Update the fp32 masters one tensor at a time from the bf16 gradients.
+
+    Casting every gradient to fp32 at once would hold 4 more bytes per parameter during the step
+    (26 GB for a 7B model). The optimizers used here (torch AdamW, bitsandbytes' 8-bit AdamW) skip
+    parameters whose .grad is None and keep per-parameter state, so stepping with one master
+    gradient set at a time is the same update.
+    """
+    # The norm as torch's clip_grad_norm_ forms it (norm of per-tensor norms), one fp32 tensor at a time.
+    norms = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])
+    total = torch.linalg.vector_norm(norms)
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p, mp in zip(params, masters):
+        mp.grad = p.grad.float()
+        mp.grad.mul_(scale)
+        optimizer.step()
+        mp.grad = None
+        p.copy_(mp)  # the compute copy is always exactly round(master)
+    return float(total)
