@@ -237,6 +237,8 @@ def perturb_triton_(params, grads, eta, *, masters=None, exp_avg_sq=None, eps=1e
             enable_fp_fusion=False,
         )
         launched.append((idx, chunk_tensor, stats))
+    if not launched:  # every tensor empty: nothing to launch
+        return PerturbStats(0, 0, 0.0, 0.0, 0)
     # One device-to-host copy for all groups.
     totals = torch.stack([s.sum(dim=1) for _, _, s in launched]).sum(dim=0).tolist()
     stats_out = PerturbStats(

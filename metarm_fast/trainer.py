@@ -215,8 +215,13 @@ class RewardTrainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything an exact continuation needs (a DCP state dict: nested dicts of tensors and values)."""
+        model_state = self.model.state_dict()
+        if self.masters is not None:
+            # The compute copy is round(master) exactly: the masters alone are saved, and re-cast on load.
+            for n in self.param_names:
+                model_state.pop(n)
         sd = {
-            "model": self.model.state_dict(),
+            "model": model_state,
             "optimizer": ckpt.flatten(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "train": {
@@ -248,6 +253,10 @@ class RewardTrainer:
                 + "; resume with the same settings, or start a new run in another --output-dir"
             )
         ckpt.load_checkpoint(path, sd)
+        if self.masters is not None:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.masters):
+                    p.copy_(m)
         self.optimizer.load_state_dict(ckpt.unflatten(sd["optimizer"]))
         self.scheduler.load_state_dict(sd["scheduler"])
         t = sd["train"]
