@@ -14,7 +14,7 @@ combination it recommends for one GPU: the fastest MetaRM step that fits.
 Precision on the GPU is the paper's bf16 mixed precision as the trainer implements it
 (`--precision bf16-master`): bf16 compute weights and gradients, fp32 master weights, optimizer
 states on the masters. (Pure bf16 has no master, and there the meta step's perturbation vanishes in
-rounding: docs/metarm.md.)
+rounding: tests/kernels/test_perturb.py measures it.)
 
 Memory (GB = 1e9 bytes), N = parameters of the reward model
 ------------------------------------------------------------
@@ -122,7 +122,7 @@ from dataclasses import asdict, dataclass, replace
 
 GB = 1e9
 MIB = 2**20
-HH_RLHF_PAIRS = 161_000  # Anthropic HH-RLHF train split (docs/metarm.md: 161k train)
+HH_RLHF_PAIRS = 161_000  # Anthropic HH-RLHF train split: 161k pairs
 
 
 # -- model shapes and GPUs -----------------------------------------------------------------------
@@ -668,8 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
                  ("kv-heads", "key/value heads (GQA); custom default: --heads"), ("intermediate", "MLP size"),
                  ("vocab", "vocabulary size")):
         ap.add_argument(f"--{f}", type=int, help=f"{h} (overrides the preset)")
-    ap.add_argument("--params", type=float, help="use this N for the per-parameter items (e.g. 6.74e9, docs/metarm.md's "
-                                                 "figure, which counts Llama-2-7B's LM head); default: counted from the shape")
+    ap.add_argument("--params", type=float, help="use this N for the per-parameter items (e.g. 6.74e9, Llama-2-7B's "
+                                                 "published count, which includes its LM head); default: counted from the shape")
     ap.add_argument("--gpu", default="a100-80g", choices=sorted(GPUS))
     ap.add_argument("--batch", type=int, default=16, help="preference pairs per step per GPU (the paper: global batch 16)")
     ap.add_argument("--max-length", type=int, default=1024, help="tokens per sequence; memory is planned for a step padded to it")

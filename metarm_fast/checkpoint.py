@@ -41,25 +41,37 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(root: str, step: int, state: dict, keep_last: int = 0) -> str:
-    """Write ``state`` as the checkpoint of ``step``; keep the newest ``keep_last`` (0: all)."""
-    os.makedirs(root, exist_ok=True)
-    for name in os.listdir(root):
-        if name.endswith(".partial"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # left by a crash mid-save
+def save_checkpoint(root: str, step: int, state: dict, keep_last: int = 0, info=None) -> str:
+    """Write ``state`` as the checkpoint of ``step``; keep the newest ``keep_last`` (0: all).
+
+    With several ranks (``info``), every rank calls this: DCP writes each rank's part (a replicated
+    tensor once), and rank 0 alone tidies, renames and prunes, between barriers. ``root`` must be on
+    a file system every rank sees."""
+    from metarm_fast.parallel import barrier
+
+    main = info is None or info.is_main
+    if main:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):
+            if name.endswith(".partial"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # left by a crash mid-save
+    barrier(info)
     final = step_dir(root, step)
     tmp = os.path.join(root, f".step-{step:08d}.partial")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
         dcp.save(state, checkpoint_id=tmp)
-    _fsync_dir(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    if keep_last > 0:
-        for _, path in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+    barrier(info)
+    if main:
+        _fsync_dir(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep_last > 0:
+            for _, path in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(path, ignore_errors=True)
+    barrier(info)
     return final
 
 

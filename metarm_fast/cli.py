@@ -47,15 +47,35 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     if getattr(ns, "config", None):
         import yaml
 
-        with open(ns.config) as fh:
-            loaded = yaml.safe_load(fh) or {}
+        try:
+            with open(ns.config) as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ValueError(f"--config {ns.config}: cannot read it ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {ns.config}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {ns.config}: expected a mapping of settings, got {type(loaded).__name__}")
         known = {f.name for f in config_fields()}
         unknown = sorted(set(loaded) - known)
         if unknown:
-            raise SystemExit(f"{ns.config}: unknown setting(s) {', '.join(unknown)}; see `metarm-fast train --help`")
-        values.update(loaded)
+            raise ValueError(f"{ns.config}: unknown setting(s) {', '.join(unknown)}; see `metarm-fast train --help`")
+        values.update({k: coerce_setting(k, v, ns.config) for k, v in loaded.items()})
     values.update({f.name: getattr(ns, f.name) for f in config_fields() if hasattr(ns, f.name)})
     return TrainConfig(**values)
+
+
+def coerce_setting(name: str, value, source: str):
+    """A YAML value as its setting's type. PyYAML reads `1e-4` (no dot before the e) as a string."""
+    base, optional = _flag_type(next(f for f in config_fields() if f.name == name))
+    if value is None and optional:
+        return None
+    if base is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _print_config(cfg: TrainConfig) -> None:
@@ -78,6 +98,10 @@ def _print_summary(trainer, summary: dict) -> None:
         e = summary["eval"]
         rows.append(("eval accuracy", f"{e['accuracy']:.3f} on {e['pairs']} pairs ({cfg.eval_data or f'{cfg.eval_fraction:.0%} of the train data, held out'})"))
         rows.append(("eval reward mean/std", f"{e['reward_mean']:.3f} / {e['reward_std']:.3f}"))
+    if "train_rewards" in summary:
+        e = summary["train_rewards"]
+        rows.append(("reward mean/std", f"{e['reward_mean']:.3f} / {e['reward_std']:.3f} on {e['pairs']} training pairs "
+                                         "(no eval set; written into config.json)"))
     if "eval_shifted" in summary:
         e = summary["eval_shifted"]
         rows.append(("shifted accuracy", f"{e['accuracy']:.3f} on {e['pairs']} pairs (better-policy responses)"))
@@ -109,7 +133,9 @@ def cmd_train(ns) -> int:
     from metarm_fast.trainer import RewardTrainer
 
     cfg = config_from_args(ns).resolved()
-    _print_config(cfg)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        _print_config(cfg)
     trainer = RewardTrainer(cfg)
     try:
         summary = trainer.train()
@@ -121,6 +147,8 @@ def cmd_train(ns) -> int:
               + (f"The last checkpoint is {last}: continue with `{_resume_command(cfg)}`." if last
                  else "No checkpoint had been written."), file=sys.stderr)
         return 130
+    if not main_rank:
+        return 0
     if summary.get("interrupted"):
         print(f"metarm-fast train: {summary['interrupted']} received; saved step {summary['steps']} to "
               f"{summary['checkpoint']}. Continue with `{_resume_command(cfg)}`.")
@@ -147,7 +175,10 @@ def cmd_sample(ns) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from metarm_fast import __version__
+
     p = argparse.ArgumentParser(prog="metarm-fast", description="MetaRM reward-model training")
+    p.add_argument("--version", action="version", version=f"metarm-fast {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a reward model (no arguments: the embedded tiny default)")
@@ -195,8 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         return ns.func(ns)
     except (ValueError, FileNotFoundError) as e:
         # Errors a user can act on (bad records, bad settings) are printed without a traceback.
-        print(f"metarm-fast {ns.command}: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        where = f" (rank {rank})" if rank is not None else ""
+        print(f"metarm-fast {ns.command}{where}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

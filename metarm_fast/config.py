@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +45,7 @@ class TrainConfig:
     packing: str = _f("none", "batch layout: none (padded), pack (sequences end to end, no padding), share-prompt (each prompt once, its responses after it)", ("none", "pack", "share-prompt"))
     padding_side: str = _f("right", "where padding goes (rewards are read by position either way)", ("right", "left"))
     # -- optimisation ---------------------------------------------------------------------------
-    batch_size: int = _f(8, "preference pairs per micro-batch")
+    batch_size: int = _f(8, "preference pairs per micro-batch, in all: with torchrun, split across the ranks")
     grad_accum: int = _f(1, "micro-batches per optimizer step (same result as a batch_size*grad_accum batch)")
     max_steps: int = _f(-1, "optimizer steps; -1: run `epochs` epochs")
     epochs: float = _f(1.0, "passes over the preference data when max_steps is -1")
@@ -57,10 +59,11 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     center_coef: float = _f(0.0, "reward centering: adds c * mean((r_w + r_l)^2) to the loss (0.01 is TRL's suggestion)")
     seed: int = _f(0, "seed for model init, data order and sampling; a CPU run repeats exactly, at any thread count")
+    parallel: str = _f("auto", "with torchrun: fsdp (FSDP2: weights, gradients and optimizer states sharded across the ranks) or ddp (each rank the whole model); auto: fsdp when WORLD_SIZE > 1", ("auto", "none", "ddp", "fsdp"))
     threads: int = _f(0, "CPU threads for torch; 0: torch's default (OMP_NUM_THREADS if set), at most the usable cores")
     # -- MetaRM ---------------------------------------------------------------------------------
     eta: float | None = _f(None, "meta step size (gradient ascent on J); default: equal to lr, as in the paper")
-    meta_batch_size: int = _f(8, "prompts (each with its k responses) per meta batch")
+    meta_batch_size: int = _f(8, "prompts (each with its k responses) per meta batch, in all: with torchrun, split across the ranks")
     meta_k: int = _f(5, "responses per prompt of the synthetic meta set")
     meta_direction: str = _f("sgd", "perturb along grad J (paper), or grad J preconditioned by AdamW's second moments", ("sgd", "adam"))
     second_order: bool = _f(False, "add eta * Hessian(J) @ grad L: the exact meta-gradient (one extra forward + double backward)")
@@ -91,6 +94,9 @@ class TrainConfig:
         return c
 
     def validate(self) -> None:
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -103,6 +109,10 @@ class TrainConfig:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
             raise ValueError(f"config: threads must be >= 0 (0: automatic), got {self.threads}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"config: max_steps must be >= 1, or -1 to run `epochs` epochs; got {self.max_steps}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"config: epochs must be > 0, got {self.epochs}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"config: eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 4:
@@ -126,10 +136,30 @@ class TrainConfig:
         return sorted(k for k in mine if k not in NOT_RUN_SETTINGS and k in other and mine[k] != other[k])
 
 
-# Settings that change how a run is watched, saved or where it runs, not what it computes: a resume
+# Settings that change how a run is watched, saved, or where and on how many ranks it runs, not what
+# it computes (up to float32 rounding across world sizes): a resume
 # may change them.
 NOT_RUN_SETTINGS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "resume",
-                              "overwrite", "threads", "eval_batch_size"})
+                              "overwrite", "threads", "eval_batch_size", "parallel"})
+
+
+def _check_type(name: str, value, hint) -> None:
+    """One message naming the setting when a value has the wrong type (YAML and Python callers)."""
+    args = typing.get_args(hint) if (typing.get_origin(hint) is typing.Union or isinstance(hint, types.UnionType)) else (hint,)
+    if value is None and type(None) in args:
+        return
+    base = next(a for a in args if a is not type(None))
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, base)
+    if not ok:
+        raise ValueError(f"config: {name} must be {'an' if base is int else 'a'} {base.__name__}, got {value!r} "
+                         f"({type(value).__name__})")
 
 
 def config_fields():

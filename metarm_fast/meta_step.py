@@ -77,12 +77,21 @@ class MetaStep:
         self.direction = direction
         self.optimizer = optimizer
         self.opt_params = opt_params if opt_params is not None else self.params
+        # FSDP2: the parameters are DTensors holding this rank's shard. Each rank perturbs its own
+        # shards with its shard of the reduce-scattered grad J; the restore cannot ride on tensor hooks
+        # (they do not fire on DTensor parameters), so z waits in its grad shard, set aside.
+        self.sharded = any(_is_dtensor(p) for p in self.params)
+        if self.sharded and self.masters is not None:
+            raise ValueError("MetaStep: sharded parameters are their own fp32 masters (FSDP2's mixed precision)")
 
     @contextmanager
     def perturbed(self, micro_batches: int = 1):
         """theta' for the block; theta back on exit (normal or not). grad J must be in the .grad buffers."""
         stats = self._perturb()
-        restorer = _Restorer(self.params, self.masters, use_hooks=micro_batches == 1, hints=self._hints)
+        if self.sharded:
+            restorer = _ShardRestorer(self.params)
+        else:
+            restorer = _Restorer(self.params, self.masters, use_hooks=micro_batches == 1, hints=self._hints)
         try:
             yield stats
         finally:
@@ -91,14 +100,17 @@ class MetaStep:
 
     def _perturb(self) -> MetaStats:
         t0 = time.perf_counter()
-        grads = _grads(self.params)
+        grads = [_local(g) for g in _grads(self.params)]
+        params = [_local(p) for p in self.params]
         vs, bc2 = (None, 1.0)
         if self.direction == "adam":
             vs, bc2 = adam_second_moments(self.optimizer, self.opt_params)
+            if vs is not None:
+                vs = [_local(v) if isinstance(v, torch.Tensor) else v for v in vs]
         if vs is not None and any(isinstance(v, _Dequantized) for v in vs):
             # One tensor at a time, each with its own transient fp32 v.
             parts = []
-            for i, (p, g) in enumerate(zip(self.params, grads)):
+            for i, (p, g) in enumerate(zip(params, grads)):
                 v = vs[i]
                 masters = [self.masters[i]] if self.masters is not None else None
                 parts.append(perturb_([p], [g], self.eta, masters=masters, exp_avg_sq=[v() if callable(v) else v],
@@ -106,14 +118,56 @@ class MetaStep:
             hints = [h for st in parts for h in st.restore_hints] if all(st.restore_hints is not None for st in parts) else None
             st = _sum_stats(parts)
         else:
-            st = perturb_(self.params, grads, self.eta, masters=self.masters, exp_avg_sq=vs, bias_correction2=bc2)
+            st = perturb_(params, grads, self.eta, masters=self.masters, exp_avg_sq=vs, bias_correction2=bc2)
             hints = st.restore_hints
         self._hints = hints
         if self.masters is not None:
             for g in grads:  # the compute copy's J gradient is not needed any more; L accumulates from zero
                 g.zero_()
-        return MetaStats(st.numel, st.changed, st.intended_sq, st.realised_sq, st.nonfinite,
+        numbers = [st.numel, st.changed, st.intended_sq, st.realised_sq, st.nonfinite]
+        if self.sharded:  # every rank decides on the whole model's numbers (warnings, non-finite skips)
+            import torch.distributed as dist
+
+            t = torch.tensor(numbers, dtype=torch.float64, device=grads[0].device if grads else "cpu")
+            dist.all_reduce(t)
+            numbers = t.tolist()
+        return MetaStats(int(numbers[0]), int(numbers[1]), numbers[2], numbers[3], int(numbers[4]),
                          perturb_s=time.perf_counter() - t0)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - a torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local(t):
+    """This rank's shard of a DTensor (a view: writes reach the parameter), or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+class _ShardRestorer:
+    """FSDP2: z (in each grad shard) set aside, .grad emptied so that FSDP2 writes grad L(theta') into a
+    fresh one, and the shards restored from z after the L backward. Extra memory: one local gradient
+    shard, 1/N of the parameter bytes, for the duration of the L pass."""
+
+    def __init__(self, params):
+        t0 = time.perf_counter()
+        self.params = params
+        self.deltas = [_local(p.grad) for p in params]
+        for p in params:
+            p.grad = None  # FSDP2 adds its reduce-scattered gradient into an existing .grad
+        self.seconds = time.perf_counter() - t0
+
+    def restore_all(self) -> None:
+        if self.deltas is None:
+            return
+        t0 = time.perf_counter()
+        restore_([_local(p) for p in self.params], self.deltas)
+        self.deltas = None
+        self.seconds += time.perf_counter() - t0
 
 
 def _sum_stats(parts):

@@ -29,6 +29,17 @@ def choose_attention(cfg: TrainConfig) -> str:
     impl = cfg.attn_implementation
     if impl == "blockwise":
         return register_blockwise_sdpa()
+    if impl.startswith("flash_attention"):
+        import importlib.util
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--attn-implementation {impl} needs a CUDA GPU; on the CPU use auto (block-wise "
+                             "SDPA for packed batches, SDPA otherwise) or sdpa")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(f"--attn-implementation {impl} needs flash-attn: pip install -e .[flash] (or use auto)")
+    if impl == "flex_attention" and not torch.cuda.is_available():
+        raise ValueError("--attn-implementation flex_attention cannot train on the CPU (torch's flex attention has "
+                         "no CPU backward); use auto, sdpa or blockwise")
     if impl != "auto":
         return impl
     if torch.cuda.is_available():
@@ -73,15 +84,32 @@ def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
     if cfg.tokenizer:
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        tok = _from_pretrained("--tokenizer", cfg.tokenizer, AutoTokenizer.from_pretrained)
     elif cfg.model == TINY_MODEL:
         from metarm_fast.synthetic import SyntheticTask
 
         tok = SyntheticTask(cfg.seed).tokenizer()
     else:
-        tok = AutoTokenizer.from_pretrained(cfg.model)
+        tok = _from_pretrained("--model", cfg.model, AutoTokenizer.from_pretrained)
     ensure_pad_token(tok)
     return tok
+
+
+def _from_pretrained(flag: str, name: str, fn, **kw):
+    """transformers' from_pretrained, with one message a user can act on instead of its OSError."""
+    import os
+
+    try:
+        return fn(name, **kw)
+    except OSError as e:
+        if os.path.isdir(name):
+            why = f"the folder {name} is not a Hugging Face checkpoint ({str(e).splitlines()[0][:200]})"
+        elif os.path.sep in name or name.startswith("."):
+            why = f"there is no folder {name}"
+        else:
+            why = (f"{name!r} is not a local folder, and the hub could not give it (offline, or no such repository; "
+                   "HF_HUB_OFFLINE is " + os.environ.get("HF_HUB_OFFLINE", "unset") + ")")
+        raise ValueError(f"{flag} {name}: {why}") from None
 
 
 def load_model(cfg: TrainConfig, tokenizer) -> nn.Module:
@@ -95,7 +123,8 @@ def load_model(cfg: TrainConfig, tokenizer) -> nn.Module:
         model = build_tiny_llama(len(tokenizer), tokenizer.pad_token_id, cfg.tiny_layers, cfg.tiny_hidden, attn)
         model = model.to(dtype)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1, dtype=dtype, attn_implementation=attn)
+        model = _from_pretrained("--model", cfg.model, AutoModelForSequenceClassification.from_pretrained,
+                                 num_labels=1, dtype=dtype, attn_implementation=attn)
     if cfg.packing != "none" and _last_token_head(model) is None:
         raise ValueError(f"model {cfg.model}: --packing {cfg.packing} needs a decoder reward model (a last-token "
                          "`score` head); encoders such as BERT pool [CLS] over the whole row: use --packing none")

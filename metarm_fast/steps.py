@@ -14,6 +14,7 @@ import torch
 
 from metarm_fast.kernels import bt_loss, difference_loss
 from metarm_fast.meta_step import MetaStep, second_order_correction_
+from metarm_fast.parallel import all_finite, no_sync, sum_over_ranks
 
 # The J implementation the second-order term differentiates twice: the torch J (autograd all the way
 # down), since the fused kernel's backward is itself not differentiable.
@@ -26,10 +27,6 @@ class NonFiniteLoss(Exception):
         self.what = what
 
 
-def finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x).all())
-
-
 def pair_loss(model, batch, center_coef: float = 0.0):
     """(L, chosen rewards, rejected rewards) of one pair batch."""
     r = model(batch)
@@ -38,30 +35,47 @@ def pair_loss(model, batch, center_coef: float = 0.0):
     return loss, r[:n].detach(), r[n:].detach()
 
 
-def l_pass(model, batches, center_coef: float = 0.0, loss_fn=None) -> dict:
-    """Forward/backward L over the micro-batches, each weighted by its share of the step's pairs."""
+def l_pass(model, batches, center_coef: float = 0.0, loss_fn=None, *, info=None, global_pairs=None) -> dict:
+    """Forward/backward L over the micro-batches, each weighted by its share of the step's pairs.
+
+    Data parallel (``info`` with world size N): this rank's micro-batches hold part of the step's
+    ``global_pairs``; each is weighted by N * its share, so that DDP's average of the gradients is the
+    gradient of the global batch's L. Non-finite losses are agreed across ranks before any backward."""
     loss_fn = loss_fn or pair_loss
-    total = sum(b.num_sequences // 2 for b in batches)
+    world = info.world_size if info is not None else 1
+    local = sum(b.num_sequences // 2 for b in batches)
+    total = global_pairs if global_pairs is not None else local
     loss_sum, correct = 0.0, 0
-    for b in batches:
+    for i, b in enumerate(batches):
         n = b.num_sequences // 2
         loss, rc, rr = loss_fn(model, b, center_coef)
-        if not finite(loss):
+        if not all_finite(loss, info):
             raise NonFiniteLoss("L", float(loss.detach()))
-        (loss * (n / total)).backward()
+        with no_sync(model, last=i == len(batches) - 1):
+            (loss * (n * world / total)).backward()
         loss_sum += loss.item() * n
         correct += int((rc > rr).sum())
+    loss_sum, correct = sum_over_ranks([loss_sum, float(correct)], info)
     return {"loss": loss_sum / total, "accuracy": correct / total, "pairs": total}
 
 
-def j_pass(model, batch, impl: str = "auto"):
-    """J at the current weights and its backward; returns (J, rewards)."""
+def j_pass(model, batch, impl: str = "auto", *, info=None, global_groups=None):
+    """J at the current weights and its backward; returns (J, rewards).
+
+    Data parallel: this rank's J is the mean over its groups; weighted by N * its share of the
+    ``global_groups``, DDP's average of the gradients is grad J of the global meta batch, and the
+    J returned is the global one (the rewards are this rank's)."""
     r = model(batch)
     j = difference_loss(r, batch.offsets, impl=impl)
-    if not finite(j):
+    if not all_finite(j, info):
         raise NonFiniteLoss("J", float(j.detach()))
-    j.backward()
-    return j.detach(), r.detach()
+    if info is None or not info.distributed:
+        j.backward()
+        return j.detach(), r.detach()
+    share = (batch.offsets.numel() - 1) / global_groups
+    (j * (share * info.world_size)).backward()
+    (j_global,) = sum_over_ranks([float(j.detach()) * share], info)
+    return torch.tensor(j_global), r.detach()
 
 
 def group_gaps(r: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -77,14 +91,17 @@ def group_gaps(r: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef: float = 0.0,
-                 second_order: bool = False, loss_fn=None) -> dict:
+                 second_order: bool = False, loss_fn=None, info=None, global_pairs=None, global_groups=None) -> dict:
     """grad_{theta'} L(theta') in the .grad buffers (plus eta * H_J grad L with ``second_order``), the
-    weights back at theta. Returns the L metrics, J and the perturbation's stats."""
-    j, r_meta = j_pass(model, meta_batch)
+    weights back at theta. Returns the L metrics, J and the perturbation's stats. Data parallel:
+    see ``l_pass`` and ``j_pass``; every rank perturbs with the same all-reduced grad J."""
+    if second_order and info is not None and info.distributed:
+        raise ValueError("--second-order is single-process only (its Hessian-vector product is not reduced across ranks)")
+    j, r_meta = j_pass(model, meta_batch, info=info, global_groups=global_groups)
     with meta.perturbed(micro_batches=len(pair_batches)) as stats:
         if stats.nonfinite:  # counted by the perturbation pass itself: no separate sweep over grad J
             raise NonFiniteLoss("grad J", float("nan"))
-        m = l_pass(model, pair_batches, center_coef, loss_fn)
+        m = l_pass(model, pair_batches, center_coef, loss_fn, info=info, global_pairs=global_pairs)
     if second_order:
         params = meta.params
         second_order_correction_(params, lambda: difference_loss(model(meta_batch), meta_batch.offsets,
@@ -116,7 +133,10 @@ def optimizer_step(params, optimizer, scheduler=None, *, masters=None, max_grad_
     """Clip (``max_grad_norm`` > 0) and step; returns the gradient norm before clipping."""
     max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
     if masters is None:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over every rank's shards
+            norm = norm.full_tensor()
+        norm = float(norm)
         optimizer.step()
     else:
         norm = _master_step(params, masters, optimizer, max_norm)

@@ -36,7 +36,9 @@ def busy_warning(threads: int, load: float | None = None, cores: int | None = No
         except (AttributeError, OSError):
             return None
     cores = usable_cores() if cores is None else cores
-    if threads + load <= cores + 0.5:
+    # The load average lags by about a minute and counts this run's own start-up: less than most of
+    # a core's worth of other work is not worth a warning.
+    if load < 0.9 or threads + load <= cores + 0.5:
         return None
     return (f"the machine is busy (1-minute load {load:.1f} on {cores} cores) and this run uses {threads} "
             f"threads: CPU-heavy processes that share cores slow each other down several times over "

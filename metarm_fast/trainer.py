@@ -12,6 +12,7 @@ same buffers and the meta step's memory equals the vanilla step's.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,16 @@ from metarm_fast.batch import EncodedPair, meta_batch, pair_batch
 from metarm_fast.config import TrainConfig
 from metarm_fast.data import Encoder
 from metarm_fast.meta_step import MetaStep
+from metarm_fast.parallel import (
+    any_rank,
+    apply_ddp,
+    apply_fsdp,
+    barrier,
+    broadcast_object,
+    full_state_dict,
+    init_distributed,
+    shard,
+)
 from metarm_fast.model import RewardModel, load_model, load_tokenizer
 from metarm_fast.sampler import EpochSampler
 from metarm_fast.sources import meta_source, pair_source
@@ -57,25 +68,39 @@ class RewardTrainer:
         self.cfg = cfg = cfg.resolved()
         self.log = log
         seed_everything(cfg.seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = init_distributed()
+        self._check_parallel()
+        self.device = self.dist.device
         self.threads = set_threads(cfg.threads)
         busy = busy_warning(self.threads) if self.device.type == "cpu" else None
         if busy:
             warnings.warn(busy)
         self.tokenizer = load_tokenizer(cfg)
-        self.model = RewardModel(load_model(cfg, self.tokenizer)).to(self.device)
-        log(f"metarm-fast: attention {self.model.config._attn_implementation}, packing {cfg.packing}, "
-            f"device {self.device}, {self.threads} CPU threads")
-        self.model.train()
         self.encoder = Encoder(self.tokenizer, cfg.max_length, chat_template=cfg.chat_template)
         self.reports = []
-        self._load_data()
+        self._load_data()  # read and checked before the model: a bad data path must not cost a model load
+        self.fsdp = self.dist.distributed and cfg.parallel in ("auto", "fsdp")
+        load_cfg = dataclasses.replace(cfg, precision="fp32") if self.fsdp and cfg.precision == "bf16-master" else cfg
+        self.rm = RewardModel(load_model(load_cfg, self.tokenizer)).to(self.device)  # the module itself
+        if self.fsdp:
+            self.model = apply_fsdp(self.rm, self.dist, bf16_compute=cfg.precision == "bf16-master")
+        elif self.dist.distributed:
+            self.model = apply_ddp(self.rm, self.dist)
+        else:
+            self.model = self.rm  # what the steps call
+        if not self.dist.is_main:
+            self.log = log = lambda *a, **k: None
+        log(f"metarm-fast: attention {self.rm.config._attn_implementation}, packing {cfg.packing}, "
+            f"device {self.device}, {self.threads} CPU threads"
+            + (f", {self.dist.world_size} ranks ({'FSDP2' if self.fsdp else 'DDP'})" if self.dist.distributed else ""))
+        self.model.train()
 
-        self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in self.rm.named_parameters() if p.requires_grad]
+        self.params = [p for p in self.rm.parameters() if p.requires_grad]
         self.masters = None
-        if cfg.precision == "bf16-master":
-            # fp32 master weights; the model's bf16 parameters are their compute copy.
+        if cfg.precision == "bf16-master" and not self.fsdp:
+            # fp32 master weights; the model's bf16 parameters are their compute copy. (Under FSDP2 the
+            # sharded fp32 parameters are the masters, and the bf16 copy is FSDP2's all-gather.)
             self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         self.opt_params = self.masters if self.masters is not None else self.params
         self.optimizer = self._make_optimizer()
@@ -92,6 +117,24 @@ class RewardTrainer:
         self.train_seconds = 0.0
 
     # -- set-up ----------------------------------------------------------------------------------
+    def _check_parallel(self) -> None:
+        cfg, world = self.cfg, self.dist.world_size
+        if cfg.parallel == "fsdp" and world == 1:
+            raise ValueError("--parallel fsdp needs several ranks: start with torchrun --nproc_per_node=N")
+        if world > 1 and cfg.parallel in ("auto", "fsdp") and cfg.optimizer == "adamw8bit":
+            raise ValueError("--optimizer adamw8bit cannot step FSDP2's sharded (DTensor) parameters: bitsandbytes' "
+                             "8-bit optimizers do not support DTensor (bitsandbytes issues 89 and 1633). Use "
+                             "--optimizer adamw with FSDP2, or --parallel ddp with adamw8bit")
+        if cfg.parallel == "none" and world > 1:
+            raise ValueError(f"--parallel none, but torchrun started {world} ranks; use --parallel ddp or auto")
+        if world > 1:
+            if cfg.batch_size < world or (cfg.method == "metarm" and cfg.meta_batch_size < world):
+                raise ValueError(f"--batch-size {cfg.batch_size} and --meta-batch-size {cfg.meta_batch_size} are global "
+                                 f"numbers per step, split across the {world} ranks: each must be at least {world}")
+            if cfg.second_order:
+                raise ValueError("--second-order is single-process only (its Hessian-vector product is not "
+                                 "reduced across ranks); drop it or run one process")
+
     def _load_data(self) -> None:
         cfg = self.cfg
         pairs, rep = pair_source(cfg.train_data, cfg)
@@ -107,6 +150,7 @@ class RewardTrainer:
         if not pairs:
             raise ValueError(f"{cfg.train_data}: no training pairs")
         self.train_pairs = self.encode_pairs(pairs)
+        self._check_known_tokens()
         if cfg.eval_data:
             pairs, rep = pair_source(cfg.eval_data, cfg)
             self.reports.append(("eval", rep))
@@ -116,6 +160,27 @@ class RewardTrainer:
             groups, rep = meta_source(cfg.meta_data, cfg)
             self.reports.append(("meta", rep))
             self.meta_groups = [self.encoder.encode_group(g) for g in groups]
+
+    def _check_known_tokens(self, limit: float = 0.5) -> None:
+        """Stop when most of the training text is unknown to the tokenizer (say, HH-RLHF through the
+        synthetic task's 68-word vocabulary): such a run trains on <unk> tokens and reports numbers."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return
+        total = known = 0
+        for it in self.train_pairs[:2000]:
+            for seq in (it.chosen, it.rejected):
+                ids = seq.prompt_ids + seq.response_ids
+                total += len(ids)
+                known += sum(1 for t in ids if t != unk)
+        if total and (total - known) / total > limit:
+            cfg = self.cfg
+            which = cfg.tokenizer or (f"{cfg.model}'s (the synthetic task's 68-word vocabulary)"
+                                      if cfg.model == "tiny-llama" else cfg.model)
+            raise ValueError(
+                f"{cfg.train_data}: {(total - known) / total:.0%} of the tokens are unknown to the tokenizer {which}; "
+                "pass --model with a pretrained reward model (its tokenizer comes with it), or --tokenizer with "
+                "one that covers this text (e.g. --model tiny-llama --tokenizer <a pretrained tokenizer>)")
 
     def encode_pairs(self, pairs) -> list[EncodedPair]:
         out = []
@@ -151,7 +216,7 @@ class RewardTrainer:
 
     # -- batches ---------------------------------------------------------------------------------
     def _dense_mask(self) -> bool:
-        return self.model.config._attn_implementation in ("sdpa", "eager")
+        return self.rm.config._attn_implementation in ("sdpa", "eager")
 
     def pair_batch(self, items: list[EncodedPair]):
         return pair_batch(items, self.cfg.packing, self.tokenizer.pad_token_id, padding_side=self.cfg.padding_side,
@@ -162,13 +227,14 @@ class RewardTrainer:
                           dense_mask=self._dense_mask()).to(self.device)
 
     def step_inputs(self, step: int):
-        """The micro-batches of pairs and the meta groups of optimizer step ``step`` (0-based)."""
+        """The micro-batches of pairs and the meta groups of optimizer step ``step`` (0-based): this
+        rank's share of the global ones (all of them in a single process)."""
         items = [self.train_pairs[i] for i in self.pair_sampler.indices(step)]
         bs = self.cfg.batch_size
-        micro = [items[i : i + bs] for i in range(0, len(items), bs)]
+        micro = [shard(items[i : i + bs], self.dist) for i in range(0, len(items), bs)]
         groups = None
         if self.cfg.method == "metarm":
-            groups = [self.meta_groups[i] for i in self.meta_sampler.indices(step)]
+            groups = shard([self.meta_groups[i] for i in self.meta_sampler.indices(step)], self.dist)
         return micro, groups
 
     # -- the step --------------------------------------------------------------------------------
@@ -181,10 +247,13 @@ class RewardTrainer:
         try:
             if meta_groups is not None:
                 m = metarm_grads(self.model, self.meta, batches, self.meta_batch(meta_groups),
-                                 center_coef=cfg.center_coef, second_order=cfg.second_order)
+                                 center_coef=cfg.center_coef, second_order=cfg.second_order, info=self.dist,
+                                 global_pairs=self._global(sum(len(b) for b in micro_batches), "pairs", micro_batches),
+                                 global_groups=self._global(len(meta_groups), "groups"))
                 self._warn_if_vanished(m.pop("_stats"))
             else:
-                m = l_pass(self.model, batches, cfg.center_coef)
+                m = l_pass(self.model, batches, cfg.center_coef, info=self.dist,
+                           global_pairs=self._global(sum(len(b) for b in micro_batches), "pairs", micro_batches))
         except NonFiniteLoss as e:
             zero_grads(self.params)
             if cfg.on_nonfinite == "stop":
@@ -194,6 +263,15 @@ class RewardTrainer:
         m["grad_norm"] = self.optimizer_step()
         m["lr"] = self.scheduler.get_last_lr()[0]
         return m
+
+    def _global(self, local: int, what: str, micro_batches=None) -> int:
+        """The step's global number of pairs or meta groups, of which this rank holds ``local``: the
+        config's batch sizes under data parallelism (``step_inputs`` shards full global batches)."""
+        if not self.dist.distributed:
+            return local
+        if what == "pairs":
+            return self.cfg.batch_size * len(micro_batches)
+        return self.cfg.meta_batch_size
 
     def optimizer_step(self) -> float:
         """Clip and step from the gradients in the .grad buffers (the last part of ``train_step``)."""
@@ -215,7 +293,7 @@ class RewardTrainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything an exact continuation needs (a DCP state dict: nested dicts of tensors and values)."""
-        model_state = self.model.state_dict()
+        model_state = self.rm.state_dict()
         if self.masters is not None:
             # The compute copy is round(master) exactly: the masters alone are saved, and re-cast on load.
             for n in self.param_names:
@@ -285,15 +363,15 @@ class RewardTrainer:
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def score_pairs(self, pairs: list[EncodedPair]):
-        self.model.eval()
+        self.rm.eval()
         rc, rr = [], []
         bs = self.cfg.eval_batch_size
         for i in range(0, len(pairs), bs):
             items = pairs[i : i + bs]
-            r = self.model(self.pair_batch(items))
+            r = self.rm(self.pair_batch(items))
             rc.append(r[: len(items)])
             rr.append(r[len(items) :])
-        self.model.train()
+        self.rm.train()
         return torch.cat(rc).cpu(), torch.cat(rr).cpu()
 
     def evaluate(self, pairs: list[EncodedPair] | None = None) -> dict:
@@ -303,29 +381,42 @@ class RewardTrainer:
 
     @torch.no_grad()
     def meta_gaps(self, max_groups: int = 256) -> torch.Tensor:
-        self.model.eval()
+        self.rm.eval()
         gaps = []
         for i in range(0, min(len(self.meta_groups), max_groups), self.cfg.meta_batch_size):
             batch = self.meta_batch(self.meta_groups[i : min(i + self.cfg.meta_batch_size, max_groups)])
-            gaps.append(group_gaps(self.model(batch), batch.offsets).cpu())
-        self.model.train()
+            gaps.append(group_gaps(self.rm(batch), batch.offsets).cpu())
+        self.rm.train()
         return torch.cat(gaps)
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run (or continue) the training; returns the summary. Stopped by SIGINT/SIGTERM, it finishes
-        the step, writes a checkpoint and returns with ``summary["interrupted"]`` set."""
+        the step, writes a checkpoint and returns with ``summary["interrupted"]`` set. With several
+        ranks, rank 0 alone decides about the output folder, writes the metrics, the progress bar,
+        the evaluation and the export; every rank takes part in the checkpoints."""
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
-        resume_from = prepare_output_dir(cfg)
+        cfg, main = self.cfg, self.dist.is_main
+        decision = None
+        if main:
+            try:
+                decision = ("resume", prepare_output_dir(cfg))
+            except ValueError as e:
+                decision = ("error", str(e))
+        kind, value = broadcast_object(decision, self.dist)
+        if kind == "error":
+            raise ValueError(value)
+        resume_from = value
         if resume_from:
             self.load_state_dict_from(resume_from)
             self.log(f"metarm-fast: resuming from {resume_from} (step {self.step} of {self.total_steps})")
-        write_config(cfg)
-        metrics = open_metrics(cfg.output_dir, self.step)
+        if main:
+            write_config(cfg)
+        metrics = open_metrics(cfg.output_dir, self.step) if main else _NullFile()
         stop = _StopRequest()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
+                   dynamic_ncols=True)
         root = os.path.join(cfg.output_dir, CHECKPOINTS)
         saved_at = self.step if resume_from else None
         try:
@@ -344,51 +435,68 @@ class RewardTrainer:
                     if "loss" in m:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}", pairs_s=f"{rate:.1f}")
                     bar.update(1)
-                    if stop.requested or (cfg.save_every and self.step % cfg.save_every == 0):
+                    stopping = any_rank(stop.requested is not None, self.dist)
+                    if stopping or (cfg.save_every and self.step % cfg.save_every == 0):
                         metrics.flush()
-                        os.fsync(metrics.fileno())
-                        ckpt.save_checkpoint(root, self.step, self.state_dict(), cfg.keep_last)
+                        if main:
+                            os.fsync(metrics.fileno())
+                        ckpt.save_checkpoint(root, self.step, self.state_dict(), cfg.keep_last, info=self.dist)
                         saved_at = self.step
-                    if stop.requested:
+                    if stopping:
                         bar.close()
                         metrics.close()
-                        return {"interrupted": stop.requested, "steps": self.step, "checkpoint": ckpt.step_dir(root, self.step)}
+                        return {"interrupted": stop.requested or "a signal on another rank", "steps": self.step,
+                                "checkpoint": ckpt.step_dir(root, self.step)}
         finally:
             bar.close()
+        if saved_at != self.step:
+            ckpt.save_checkpoint(root, self.step, self.state_dict(), cfg.keep_last, info=self.dist)
         summary = {"steps": self.step, "train_time_s": round(self.train_seconds, 2),
                    "pairs_per_s": round(self.pairs_done / max(self.train_seconds, 1e-9), 2)}
-        if self.eval_pairs:
-            summary["eval"] = self.evaluate()
-            if cfg.train_data.startswith("synthetic") and cfg.eval_data != "synthetic:shifted":
-                shifted, _ = pair_source("synthetic:shifted", cfg)
-                summary["eval_shifted"] = self.evaluate(self.encode_pairs(shifted[:256]))
-        if self.meta_groups:
-            gaps = self.meta_gaps()
-            summary["meta_gaps"] = {"mean": float(gaps.mean()), "median": float(gaps.median()), "n": gaps.numel()}
-            summary["meta_gap_histogram"] = save_gap_histogram(gaps, os.path.join(cfg.output_dir, "meta_reward_gaps.png"))
-        metrics.write(json.dumps({"final": summary}) + "\n")
+        # Under FSDP2 every forward is a collective: all ranks evaluate (the same pairs), rank 0 writes.
+        if main or self.fsdp:
+            if self.eval_pairs:
+                summary["eval"] = self.evaluate()
+                if cfg.train_data.startswith("synthetic") and cfg.eval_data != "synthetic:shifted":
+                    shifted, _ = pair_source("synthetic:shifted", cfg)
+                    summary["eval_shifted"] = self.evaluate(self.encode_pairs(shifted[:256]))
+            else:
+                # PPO normalises rewards with their mean and std: without an eval set they come from
+                # (up to 1024 of) the training pairs, and the summary says so.
+                summary["train_rewards"] = self.evaluate(self.train_pairs[:1024])
+            if self.meta_groups:
+                gaps = self.meta_gaps()
+                summary["meta_gaps"] = {"mean": float(gaps.mean()), "median": float(gaps.median()), "n": gaps.numel()}
+                if main:
+                    summary["meta_gap_histogram"] = save_gap_histogram(gaps, os.path.join(cfg.output_dir, "meta_reward_gaps.png"))
+        full = full_state_dict(self.rm) if self.fsdp else None  # gathered by every rank
+        if main:
+            metrics.write(json.dumps({"final": summary}) + "\n")
+            self.export(cfg.output_dir, summary, full_state=full)
         metrics.close()
-        if saved_at != self.step:
-            ckpt.save_checkpoint(root, self.step, self.state_dict(), cfg.keep_last)
-        self.export(cfg.output_dir, summary)
+        barrier(self.dist)
         summary["truncated_records"] = self.encoder.truncated
         return summary
 
     # -- the export ------------------------------------------------------------------------------
-    def export(self, out_dir: str, summary: dict | None = None) -> None:
+    def export(self, out_dir: str, summary: dict | None = None, full_state: dict | None = None) -> None:
         """The Hugging Face checkpoint (weights, tokenizer, reward mean/std), apart from the resume
         checkpoints. Written into a temporary folder, then each file moved into place, so a crash
         while writing never leaves a half-written weights file under the final name."""
-        hf = self.model.hf
+        hf = self.rm.hf
         tmp = os.path.join(out_dir, ".export.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        if summary and "eval" in summary:
+        stats = (summary or {}).get("eval") or (summary or {}).get("train_rewards")
+        if stats:
             # PPO trainers normalise rewards with these.
-            hf.config.reward_mean = summary["eval"]["reward_mean"]
-            hf.config.reward_std = summary["eval"]["reward_std"]
+            hf.config.reward_mean = stats["reward_mean"]
+            hf.config.reward_std = stats["reward_std"]
+            hf.config.reward_stats_from = "eval pairs" if "eval" in summary else "training pairs (no eval set)"
         state_dict = None
-        if self.masters is not None:
+        if full_state is not None:  # FSDP2: the gathered fp32 weights (the masters)
+            state_dict = {k.removeprefix("hf."): v for k, v in full_state.items()}
+        elif self.masters is not None:
             # Save the fp32 masters, not their rounded bf16 compute copy.
             state_dict = dict(hf.state_dict())
             state_dict.update({n.removeprefix("hf."): m.detach() for n, m in zip(self.param_names, self.masters)})
@@ -397,6 +505,19 @@ class RewardTrainer:
         for name in sorted(os.listdir(tmp)):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
         os.rmdir(tmp)
+
+
+class _NullFile:
+    """What ranks other than 0 write their metrics to."""
+
+    def write(self, _):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
 
 
 class _StopRequest:

@@ -1,4 +1,4 @@
-"""bench/plan.py: the memory items of docs/metarm.md, the activation formula against what torch saves,
+"""bench/plan.py: the 7B memory items (bf16 weights, fp32 masters, gradients, 8-bit states), the activation formula against what torch saves,
 the recommendation, and the --validate path against a CPU measurement on a small model."""
 import json
 
@@ -24,11 +24,11 @@ def _rows(*extra):
 def test_llama2_7b_parameter_count_is_the_reward_models():
     s = plan.MODELS["llama-2-7b"]
     assert s.counted_params() == 6_607_347_712
-    # docs/metarm.md's 6.74e9 is the causal LM's count: an LM head (vocab x hidden) instead of the score head.
+    # The published 6.74e9 is the causal LM's count: an LM head (vocab x hidden) instead of the score head.
     assert s.counted_params() - s.hidden + s.vocab * s.hidden == 6_738_415_616
 
 
-def test_7b_memory_items_match_metarm_md_table():
+def test_7b_memory_items_match_the_published_budget():
     p = _rows("--params", "6.74e9")
     items = {}
     for r in p["rows"]:

@@ -88,7 +88,7 @@ def test_cli_yaml_config_and_flag_precedence(tmp_path):
     cfg = config_from_args(build_parser().parse_args(["train", "--config", str(y), "--lr", "0.02"]))
     assert (cfg.batch_size, cfg.lr, cfg.method) == (3, 0.02, "metarm")
     y.write_text("batch_sise: 3\n")
-    with pytest.raises(SystemExit, match="batch_sise"):
+    with pytest.raises(ValueError, match="batch_sise"):
         config_from_args(build_parser().parse_args(["train", "--config", str(y)]))
 
 
