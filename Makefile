@@ -31,10 +31,10 @@ endef
 export MISSING_PINS
 
 demo: install
-	$(PYTHON) -m metarm_fast.cli train --method metarm --output-dir runs/demo
+	$(PYTHON) -m metarm_fast.cli train --method metarm --output-dir runs/demo --overwrite
 
 demo-vanilla: install
-	$(PYTHON) -m metarm_fast.cli train --output-dir runs/demo-vanilla
+	$(PYTHON) -m metarm_fast.cli train --output-dir runs/demo-vanilla --overwrite
 
 test: install
 	$(PYTHON) -m pytest -q tests

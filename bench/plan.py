@@ -384,6 +384,93 @@ def evaluate(c: Combo, s: Shape, gpu: GPU, a) -> dict:
     }
 
 
+def evaluate_fsdp(ckpt: bool, pack: bool, share: bool, s: Shape, gpu: GPU, a, gpus: int) -> dict:
+    """Per-GPU memory and time of the in-place MetaRM step under FSDP2 on ``gpus`` GPUs (a planned
+    figure: nothing here has run on a GPU).
+
+    The trainer under FSDP2 (metarm_fast.parallel.apply_fsdp): fp32 sharded parameters (the masters),
+    fp32 sharded gradients (reduced in fp32), torch AdamW's fp32 states on the shards (bitsandbytes'
+    8-bit AdamW does not take DTensors), bf16 compute. Per GPU:
+    - standing: (4 + 4 + 8) B/param / gpus;
+    - the meta step's z, one local gradient shard during the L pass: 4 B/param / gpus;
+    - unsharded while in use: the root module's bf16 weights (embedding, final norm, head: not
+      resharded between forward and backward) and two decoder blocks in bf16 (the one computing and
+      the one prefetched), with a block's bf16 gradient and its fp32 reduce-scatter input;
+    - activations of this GPU's share of the global batch (``--batch`` pairs, ``--meta-prompts`` groups).
+    Time: the FLOPs of this GPU's share at ``--mfu``; the optimizer and the meta step on the shards; and
+    per pass an all-gather of the bf16 weights for the forward and again for the backward plus a
+    reduce-scatter of fp32 gradients, (2 + 2 + 4) B/param x (gpus - 1) / gpus at ``--allreduce-gbps``.
+    ``step_s`` assumes the communication overlaps the compute (FSDP2 prefetches), ``step_s_no_overlap``
+    that it does not."""
+    n, e = s.params(), 2
+    block = s.layer_matmul_params() + 2 * s.hidden
+    root = s.vocab * s.hidden + 2 * s.hidden
+    per = lambda b: b * n / gpus  # noqa: E731
+    items = {
+        "fp32 sharded weights (masters)": per(4),
+        "fp32 sharded gradients": per(4),
+        "AdamW states (fp32, sharded)": per(8),
+        "meta step: z, one local gradient shard": per(4),
+        "unsharded root (bf16)": 2 * root,
+        "unsharded blocks in use (2 x bf16) + a block's bf16 grad and fp32 reduce buffer": (2 * 2 + 2 + 4) * block,
+    }
+    standing = sum(items.values())
+    passes = [("meta", max(1, a.meta_prompts // gpus), a.meta_k), ("pairs", max(1, a.batch // gpus), 2)]
+    acts = {name: activation_bytes(s, pass_geometry(g, k, a.max_length, pack, share, a.packed_ratio, a.shared_ratio), e, ckpt)
+            for name, g, k in passes}
+    worst = max(acts, key=lambda k: acts[k].total)
+    peak = standing + acts[worst].total
+    mean_len = min(a.mean_padded_length, a.max_length)
+    flops = sum(pass_flops(s, pass_geometry(g, k, mean_len, pack, share, a.packed_ratio, a.shared_ratio), ckpt)["total"]
+                for _, g, k in passes)
+    t_compute = flops / (a.mfu * gpu.bf16_flops)
+    bw = a.hbm_efficiency * gpu.hbm
+    t_local = (OPT_BYTES["adamw"] + META_BYTES["inplace"]) * n / gpus / bw
+    t_comm = len(passes) * (2 + 2 + 4) * n * (gpus - 1) / gpus / (a.allreduce_gbps * GB)
+    t_step = max(t_compute, t_comm) + t_local
+    pairs_s = (a.batch // gpus) * gpus / t_step
+    return {
+        "gpus": gpus, "checkpointing": ckpt, "packing": pack, "prompt_sharing": share,
+        "memory_items_GB": {k: v / GB for k, v in items.items()}
+        | {f"activations ({k}, this GPU's share)": v.total / GB for k, v in acts.items()},
+        "memory_GB": peak / GB, "fits": peak <= usable_memory(gpu, a),
+        "compute_s": t_compute, "comm_s": t_comm, "local_s": t_local,
+        "step_s": t_step, "step_s_no_overlap": t_compute + t_comm + t_local,
+        "pairs_per_s": pairs_s, "hours_per_epoch": a.epoch_pairs / pairs_s / 3600,
+    }
+
+
+def fsdp_plan(a, s: Shape, gpu: GPU) -> dict:
+    rows = [evaluate_fsdp(ckpt, pack, share, s, gpu, a, a.gpus)
+            for ckpt, pack, share in itertools.product((False, True), (False, True), (False, True))]
+    fitting = [r for r in rows if r["fits"]]
+    rec = min(fitting, key=lambda r: (r["step_s"], r["memory_GB"])) if fitting else None
+    return {"rows": rows, "recommended": rec}
+
+
+def print_fsdp_plan(fp: dict, s: Shape, gpu: GPU, a, out=print) -> None:
+    out(f"\n{a.gpus} x {gpu.name}, FSDP2 (planned): global batch {a.batch} pairs ({a.batch // a.gpus} per GPU), "
+        f"meta batch {a.meta_prompts} x {a.meta_k}; fp32 sharded masters, bf16 compute, torch AdamW; "
+        f"{a.allreduce_gbps:g} GB/s collective bandwidth")
+    out(f"  {'ckpt':<4} {'pack':<4} {'share':<5} | {'GB/GPU':>7} {'fits':<4} | {'compute s':>9} {'comm s':>7} "
+        f"{'step s':>7} {'(no overlap)':>12} {'pairs/s':>8} {'h/epoch':>8}")
+    for r in fp["rows"]:
+        mark = "*" if r is fp["recommended"] else " "
+        out(f"{mark} {_yn(r['checkpointing']):<4} {_yn(r['packing']):<4} {_yn(r['prompt_sharing']):<5} | "
+            f"{r['memory_GB']:7.1f} {'yes' if r['fits'] else 'no':<4} | {r['compute_s']:9.3f} {r['comm_s']:7.3f} "
+            f"{r['step_s']:7.3f} {r['step_s_no_overlap']:12.3f} {r['pairs_per_s']:8.2f} {r['hours_per_epoch']:8.2f}")
+    rec = fp["recommended"]
+    if rec:
+        opts = [k for k, on in (("activation checkpointing", rec["checkpointing"]), ("packing", rec["packing"]),
+                                ("prompt sharing", rec["prompt_sharing"])) if on]
+        out(f"Recommended for {a.gpus} x {gpu.name}: FSDP2 (`torchrun --nproc_per_node={a.gpus} ... --precision "
+            f"bf16-master`), torch AdamW" + (", " + ", ".join(opts) if opts else "") +
+            f": {rec['memory_GB']:.1f} GB per GPU, {rec['step_s']:.2f} s/step, {rec['hours_per_epoch']:.2f} h per epoch "
+            f"({rec['step_s_no_overlap']:.2f} s/step if no communication overlaps).")
+    else:
+        out(f"Nothing fits on {a.gpus} x {gpu.name} under FSDP2.")
+
+
 def usable_memory(gpu: GPU, a) -> float:
     return (gpu.memory - a.reserve_gb * GB) * (1 - a.headroom)
 
@@ -698,6 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epoch-pairs", type=int, default=HH_RLHF_PAIRS, help="pairs in an epoch (HH-RLHF train: 161k)")
     ap.add_argument("--allreduce-gbps", type=float, default=200.0, help="NCCL all-reduce bus bandwidth, GB/s, for the "
                                                                         "printed communication bound (8 GPUs, NVLink)")
+    ap.add_argument("--gpus", type=int, default=1, help="with > 1: also plan the FSDP2 run on this many GPUs (per-GPU memory and time)")
     ap.add_argument("--json", help="write the rows (and the assumptions) to this file")
     ap.add_argument("--validate", action="store_true", help="measure the tiny model's peaks on the CPU (bench/memory.py's "
                                                             "configuration) and compare with this memory model; exit 1 if > 15%% off")
@@ -719,12 +807,15 @@ def main(argv=None) -> int:
     split_ratios(a.packed_ratio, a.shared_ratio)  # checks them
     p = plan(a)
     print_plan(p, a)
+    if a.gpus > 1:
+        p["fsdp"] = fsdp_plan(a, p["shape"], p["gpu"])
+        print_fsdp_plan(p["fsdp"], p["shape"], p["gpu"], a)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": asdict(p["shape"]), "params": p["shape"].params(), "gpu": asdict(p["gpu"]),
                        "usable_memory_GB": usable_memory(p["gpu"], a) / GB,
                        "assumptions": {k: v for k, v in vars(a).items() if k != "json"},
-                       "rows": p["rows"]}, f, indent=2, default=str)
+                       "rows": p["rows"], "fsdp": p.get("fsdp")}, f, indent=2, default=str)
     return 0
 
 

@@ -688,9 +688,22 @@ def main(argv=None) -> dict:
                          "waiting on a descheduled sibling, which can slow small steps 100x")
     ap.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of the device, for MFU")
     ap.add_argument("--out", help="write rows + environment here (.json or .csv)")
+    ap.add_argument("--nproc", type=int, default=1, help="> 1: data-parallel pairs/s per rank (torchrun, gloo) against "
+                                                         "one process, through the CLI (bench/nproc.py); --threads per process")
+    ap.add_argument("--parallel", default="fsdp", choices=("ddp", "fsdp"), help="with --nproc: the data parallelism")
     a = ap.parse_args(argv)
     packings = _csv_list(a.packing, PACKINGS, "packing")
     methods = _csv_list(a.methods, METHODS, "methods")
+    if a.nproc > 1:
+        from bench import nproc
+
+        if a.warmup < 1:
+            raise SystemExit("--nproc needs --warmup >= 1")
+        rows = nproc.run(a, a.nproc)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"rows": rows}, f, indent=2)
+        return {"rows": rows}
     if a.steps < 1 or a.warmup < 0 or a.batch < 1 or a.repeat < 1:
         raise SystemExit("--steps >= 1, --warmup >= 0, --batch >= 1 and --repeat >= 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -132,3 +132,12 @@ def test_repeat_runs_end_to_end(tmp_path):
     for method in ("metarm", "metarm-parts") + (("trl",) if HAS_TRL else ()):
         assert rows[method]["step_s"]["n"] == 2, method
     assert rows["metarm"]["perturb_s"]["n"] == 2 and rows["metarm-parts"]["J_s"]["n"] == 2
+
+
+def test_nproc_compares_ranks_with_one_process():
+    rows = throughput.main(["--nproc", "2", "--hidden", "32", "--layers", "2", "--steps", "2", "--warmup", "1",
+                            "--batch", "2", "--max-records", "48", "--max-length", "48", "--threads", "1",
+                            "--packing", "none", "--methods", "metarm"])["rows"]
+    (row,) = rows
+    assert row["nproc"] == 2 and row["pairs_per_s_1proc"] > 0 and row["pairs_per_s_all_ranks"] > 0
+    assert row["per_rank_over_1proc"] == pytest.approx(row["pairs_per_s_all_ranks"] / 2 / row["pairs_per_s_1proc"])

@@ -153,3 +153,20 @@ def test_cli_writes_json_rows_and_takes_a_custom_shape(tmp_path, capsys):
     assert "Recommended for one" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         plan.main(["--model", "custom", "--hidden", "2048"])
+
+
+def test_fsdp_plan_shards_the_standing_memory_and_recommends_a_fitting_setting():
+    a = _args("--gpus", "8")
+    p = plan.plan(a)
+    fp = plan.fsdp_plan(a, p["shape"], p["gpu"])
+    n = p["shape"].params()
+    for r in fp["rows"]:
+        items = r["memory_items_GB"]
+        # (4 + 4 + 8) B/param over 8 GPUs, and the meta step's one local gradient shard
+        assert items["fp32 sharded weights (masters)"] + items["fp32 sharded gradients"] + items[
+            "AdamW states (fp32, sharded)"] == pytest.approx(16 * n / 8 / plan.GB)
+        assert items["meta step: z, one local gradient shard"] == pytest.approx(4 * n / 8 / plan.GB)
+        assert r["step_s"] <= r["step_s_no_overlap"]
+    rec = fp["recommended"]
+    assert rec is not None and rec["fits"]
+    assert rec["memory_GB"] < p["recommended"]["memory_GB"]  # sharded: less per GPU than one GPU's plan
