@@ -70,6 +70,14 @@ def _f32_to_bits(x, KIND: tl.constexpr):
 
 
 @triton.jit
+def _program_chunk(CHUNK_TENSOR_ptr, CHUNK_START_ptr, NUMEL_ptr):
+    """This program's chunk: (program id, tensor index, first element, the tensor's size), all int64."""
+    pid = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(CHUNK_TENSOR_ptr + pid).to(tl.int64)
+    return pid, tensor, tl.load(CHUNK_START_ptr + pid), tl.load(NUMEL_ptr + tensor)
+
+
+@triton.jit
 def _perturb_kernel(
     P_ADDR_ptr, G_ADDR_ptr, M_ADDR_ptr, V_ADDR_ptr, NUMEL_ptr,
     CHUNK_TENSOR_ptr, CHUNK_START_ptr,
@@ -79,10 +87,7 @@ def _perturb_kernel(
     HAS_MASTER: tl.constexpr, HAS_V: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    tensor = tl.load(CHUNK_TENSOR_ptr + pid).to(tl.int64)
-    chunk_start = tl.load(CHUNK_START_ptr + pid)
-    numel = tl.load(NUMEL_ptr + tensor)
+    pid, tensor, chunk_start, numel = _program_chunk(CHUNK_TENSOR_ptr, CHUNK_START_ptr, NUMEL_ptr)
     P = _typed_ptr(tl.load(P_ADDR_ptr + tensor), P_KIND)
     G = _typed_ptr(tl.load(G_ADDR_ptr + tensor), G_KIND)
     if HAS_MASTER:
@@ -158,10 +163,7 @@ def _restore_kernel(
     P_KIND: tl.constexpr, Z_KIND: tl.constexpr, HAS_MASTER: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    tensor = tl.load(CHUNK_TENSOR_ptr + pid).to(tl.int64)
-    chunk_start = tl.load(CHUNK_START_ptr + pid)
-    numel = tl.load(NUMEL_ptr + tensor)
+    pid, tensor, chunk_start, numel = _program_chunk(CHUNK_TENSOR_ptr, CHUNK_START_ptr, NUMEL_ptr)
     P = _typed_ptr(tl.load(P_ADDR_ptr + tensor), P_KIND)
     if HAS_MASTER:
         M = tl.load(M_ADDR_ptr + tensor).to(tl.pointer_type(tl.float32))
