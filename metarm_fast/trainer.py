@@ -310,6 +310,9 @@ class RewardTrainer:
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(),
                 "config": self.cfg.to_dict(),
+                # Where the fp32 weights are: "masters" (one process, bf16 compute copy re-cast from
+                # them) or "params" (the model's own parameters: fp32 runs, FSDP2's sharded masters).
+                "layout": "masters" if self.masters is not None else "params",
             },
         }
         if self.masters is not None:
@@ -320,7 +323,7 @@ class RewardTrainer:
         """Continue from the checkpoint at ``path`` (refuses one whose run settings differ)."""
         self._init_optimizer_state()
         sd = self.state_dict()
-        probe = {"train": {"config": sd["train"]["config"]}}
+        probe = {"train": {"config": sd["train"]["config"], "layout": sd["train"]["layout"]}}
         ckpt.load_checkpoint(path, probe)
         diff = self.cfg.run_differences(probe["train"]["config"])
         if diff:
@@ -330,6 +333,11 @@ class RewardTrainer:
                 + ", ".join(f"{k}={saved[k]!r} (now {getattr(self.cfg, k)!r})" for k in diff)
                 + "; resume with the same settings, or start a new run in another --output-dir"
             )
+        saved, mine = probe["train"]["layout"], sd["train"]["layout"]
+        if saved == "params" and mine == "masters":  # e.g. FSDP2 bf16 -> one process: its weights are our masters
+            sd["model"].update(sd.pop("masters"))
+        elif saved == "masters" and mine == "params":  # one process bf16-master -> FSDP2: our params are its masters
+            sd["masters"] = {n: sd["model"].pop(n) for n in self.param_names}
         ckpt.load_checkpoint(path, sd)
         if self.masters is not None:
             with torch.no_grad():

@@ -94,16 +94,21 @@ def test_every_rank_perturbs_and_restores_the_same_bits(tmp_path, parallel):
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, runs, first, then):
-    one, two = runs["fsdp fp32"]  # sharded checkpoints: FSDP2's shards, resharded on load
+@pytest.mark.parametrize("setting", ["fsdp fp32", "fsdp bf16 mixed"])
+def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, runs, first, then, setting):
+    # FSDP2's shards resharded on load; with bf16 compute the fp32 weights are FSDP2's parameters on 2
+    # ranks and the masters beside a bf16 copy in one process, and each loads the other's.
+    one, two = runs[setting]
     start = two if first == 2 else one
     ckpt = os.path.join(start, "checkpoints", "step-00000003")
     out = str(tmp_path / "continued")
-    args = [*BASE, "--output-dir", out, "--resume", ckpt]
+    extra = ["--precision", "bf16-master"] if "bf16" in setting else []
+    args = [*BASE, *extra, "--output-dir", out, "--resume", ckpt]
     r = _torchrun(args) if then == 2 else _single(args)
     assert r.returncode == 0, r.stderr[-3000:]
-    # steps 4-6 of the one-process run, to float32 rounding (measured: losses 2.2e-6 relative)
-    loss_rtol, weight_atol = TOLERANCES["fp32"]
+    # steps 4-6 of the one-process run, to rounding (measured: fp32 losses 2.2e-6 relative, weights
+    # 2.3e-6; bf16 compute within the bf16 figures of the test above)
+    loss_rtol, weight_atol = TOLERANCES["bf16" if "bf16" in setting else "fp32"]
     torch.testing.assert_close(torch.tensor(_losses(out)), torch.tensor(_losses(one)[3:]), rtol=loss_rtol, atol=0)
     assert _max_diff(out, one) <= weight_atol
 
