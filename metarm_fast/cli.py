@@ -162,7 +162,8 @@ def cmd_eval(ns) -> int:
 
     result = evaluate_checkpoint(ns.model, ns.data, data_format=ns.data_format, max_length=ns.max_length,
                                  batch_size=ns.batch_size, on_bad_record=ns.on_bad_record,
-                                 max_records=ns.max_records, split=ns.split)
+                                 max_records=ns.max_records, split=ns.split, chat_template=ns.chat_template,
+                                 pku_preference=ns.pku_preference)
     print(json.dumps(result))
     return 0
 
@@ -186,15 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="accuracy of a saved reward model on preference pairs (one JSON line)")
-    e.add_argument("--model", required=True, help="checkpoint directory")
+    e = sub.add_parser("eval", help="accuracy of a saved reward model on preference pairs (one JSON line)",
+                       description="Accuracy and reward statistics of a saved reward model. The encoding settings "
+                                   "(max length, format, chat template, PKU preference) default to those of the run "
+                                   "that trained the model (its metarm_fast_config.yaml), else to train's defaults; "
+                                   "the JSON line says which were used and where each came from.")
+    run = "default: the training run's, else %s"
+    e.add_argument("--model", required=True, help="checkpoint directory (a metarm-fast --output-dir or any HF reward model)")
     e.add_argument("--data", required=True, help="preference pairs (file, hub dataset or synthetic:eval)")
-    e.add_argument("--data-format", default="auto")
-    e.add_argument("--split", default="test")
-    e.add_argument("--max-length", type=int, default=512)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-records", type=int, default=None)
-    e.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    e.add_argument("--data-format", default=None, choices=TrainConfig.__dataclass_fields__["data_format"].metadata["choices"],
+                   help=run % "auto")
+    e.add_argument("--max-length", type=int, default=None, help=run % TrainConfig.max_length)
+    e.add_argument("--chat-template", default=None, choices=("auto", "never", "always"), help=run % "auto")
+    e.add_argument("--pku-preference", default=None, choices=("better", "safer"), help=run % "better")
+    e.add_argument("--split", default="test", help="split of a hub dataset (default: %(default)s)")
+    e.add_argument("--batch-size", type=int, default=32, help="pairs per batch (default: %(default)s)")
+    e.add_argument("--max-records", type=int, default=None, help="read at most this many records (default: all)")
+    e.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
+                   help="stop at the first bad record, or skip and count them (default: %(default)s)")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="sample a meta set: k responses per prompt from a causal LM policy")

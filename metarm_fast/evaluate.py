@@ -33,14 +33,44 @@ def score_pairs(model, tok, pairs, max_length: int = 512, batch_size: int = 32, 
     return torch.cat(rc), torch.cat(rr), enc.truncated
 
 
-def evaluate_checkpoint(model_dir: str, data: str, *, data_format="auto", max_length=512, batch_size=32,
-                        on_bad_record="error", max_records=None, split="test") -> dict:
+RUN_SETTINGS = ("max_length", "data_format", "chat_template", "pku_preference")
+
+
+def run_settings(model_dir: str) -> dict:
+    """The settings of the training run that wrote ``model_dir`` (its metarm_fast_config.yaml), for
+    the ones that decide how pairs are encoded; {} for a checkpoint from elsewhere."""
+    import os
+
+    import yaml
+
+    path = os.path.join(model_dir, "metarm_fast_config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        saved = yaml.safe_load(f) or {}
+    return {k: saved[k] for k in RUN_SETTINGS if k in saved}
+
+
+def evaluate_checkpoint(model_dir: str, data: str, *, data_format=None, max_length=None, batch_size=32,
+                        on_bad_record="error", max_records=None, split="test", chat_template=None,
+                        pku_preference=None) -> dict:
+    """Accuracy and reward statistics of a saved reward model on ``data``. The encoding settings left
+    None come from the run that trained the model (so pairs are encoded as in training), else from
+    TrainConfig's defaults; the ones used are in the result's ``settings``."""
     from metarm_fast.trainer import pair_metrics
 
+    given = {"max_length": max_length, "data_format": data_format, "chat_template": chat_template,
+             "pku_preference": pku_preference}
+    defaults = TrainConfig()
+    saved = run_settings(model_dir)
+    settings = {k: v if v is not None else saved.get(k, getattr(defaults, k)) for k, v in given.items()}
+    cfg = TrainConfig(data_format=settings["data_format"], on_bad_record=on_bad_record, max_records=max_records,
+                      split=split, pku_preference=settings["pku_preference"])
+    pairs, report = pair_source(data, cfg)  # read and checked before the model is loaded
     model, tok = load_checkpoint(model_dir)
-    cfg = TrainConfig(data_format=data_format, on_bad_record=on_bad_record, max_records=max_records, split=split)
-    pairs, report = pair_source(data, cfg)
-    rc, rr, truncated = score_pairs(model, tok, pairs, max_length, batch_size)
+    rc, rr, truncated = score_pairs(model, tok, pairs, settings["max_length"], batch_size, settings["chat_template"])
     out = pair_metrics(rc, rr)
-    out.update(truncated=truncated, skipped=dict(report.skipped), data=data, model=model_dir)
+    out.update(truncated=truncated, skipped=dict(report.skipped), data=data, model=model_dir,
+               settings={k: {"value": v, "from": "flag" if given[k] is not None else "run" if k in saved else "default"}
+                         for k, v in settings.items()})
     return out

@@ -82,3 +82,25 @@ def test_reward_mean_and_std_are_written_without_an_eval_set(tmp_path, capsys):
     cfg = json.load(open(tmp_path / "run" / "config.json"))
     assert "reward_mean" in cfg and cfg["reward_stats_from"] == "training pairs (no eval set)"
     assert "no eval set" in out.out
+
+
+def test_eval_reuses_the_runs_encoding_settings_and_says_so(tmp_path, capsys):
+    rc, out = _train(tmp_path, capsys, "--max-steps", "1", "--max-length", "20", "--max-records", "16")
+    assert rc == 0, out.err
+    run = str(tmp_path / "run")
+    assert main(["eval", "--model", run, "--data", "synthetic:eval", "--max-records", "16"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["settings"]["max_length"] == {"value": 20, "from": "run"}
+    assert res["settings"]["chat_template"]["from"] == "run"
+    assert main(["eval", "--model", run, "--data", "synthetic:eval", "--max-records", "16", "--max-length", "30"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["max_length"] == {"value": 30, "from": "flag"}
+
+
+def test_eval_help_gives_every_flag_a_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--data-format", "--max-length", "--chat-template", "--pku-preference", "--split", "--batch-size",
+                 "--max-records", "--on-bad-record"):
+        after = text.split(flag, 1)[1].split("\n  --", 1)[0]
+        assert "default" in after, flag
