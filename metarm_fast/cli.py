@@ -92,7 +92,8 @@ def _print_summary(trainer, summary: dict) -> None:
         ("model", f"{cfg.model} ({n_params / 1e6:.2f}M params, {cfg.precision})"),
         ("train pairs", f"{len(trainer.train_pairs)} ({cfg.train_data})"),
         ("steps", f"{summary['steps']} in {summary['train_time_s']} s ({summary['pairs_per_s']} pairs/s)"),
-        ("truncated records", str(summary["truncated_records"])),
+        ("truncated records", f"{summary['truncated_records']} (of which {summary['prompt_lost_records']} lost their "
+                              "whole prompt)" if summary.get("prompt_lost_records") else str(summary["truncated_records"])),
     ]
     if "eval" in summary:
         e = summary["eval"]

@@ -35,7 +35,7 @@ class TrainConfig:
     eval_data: str | None = _f(None, "held-out pairs; default: the synthetic eval split when training on 'synthetic'")
     eval_fraction: float = _f(0.0, "hold out this fraction of the training pairs (shuffled by seed) for evaluation when no eval_data is given")
     meta_data: str | None = _f(None, "meta set (prompt + k responses) for --method metarm; default: synthetic shifted set")
-    data_format: str = _f("auto", "record format", ("auto", "explicit", "hh-rlhf", "summarize", "pku", "oasst"))
+    data_format: str = _f("auto", "record format", ("auto", "explicit", "implicit", "hh-rlhf", "summarize", "pku", "oasst"))
     pku_preference: str = _f("better", "PKU-SafeRLHF: which label makes the pair", ("better", "safer"))
     split: str = _f("train", "split to read from a hub dataset")
     on_bad_record: str = _f("error", "stop at the first bad record, or skip and report them at the end", ("error", "skip"))

@@ -484,6 +484,7 @@ class RewardTrainer:
         metrics.close()
         barrier(self.dist)
         summary["truncated_records"] = self.encoder.truncated
+        summary["prompt_lost_records"] = self.encoder.prompt_lost
         return summary
 
     # -- the export ------------------------------------------------------------------------------

@@ -267,3 +267,21 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch):
         load_pairs("no-such-org/no-such-dataset")
     with pytest.raises(DataError, match="no such file"):
         load_pairs("missing/train.jsonl")
+
+
+def test_trl_implicit_prompt_with_plain_strings_takes_the_shared_start_as_the_prompt(tmp_path):
+    from metarm_fast.data import DataError, load_pairs
+
+    path = tmp_path / "implicit.jsonl"
+    rows = [{"chosen": "What is 2+2? It is 4.", "rejected": "What is 2+2? It is 5."},
+            {"chosen": "Name a colour. Blue", "rejected": "Name a colour. Bread"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, report = load_pairs(str(path))
+    assert report.format == "implicit"
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("What is 2+2? It is ", "4.", "5."),
+        ("Name a colour. ", "Blue", "Bread"),  # "B" is shared, but the prompt stops at the last space
+    ]
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"chosen": "Yes.", "rejected": "No."}) + "\n")
+    with pytest.raises(DataError, match="share no prompt"):
+        load_pairs(str(path))

@@ -73,7 +73,7 @@ def test_truncation_cuts_the_prompt_from_the_left_and_shares_it(tok):
     assert c.response_ids == ids(tok, "ABCDE") + [tok.eos_token_id]
     assert r.response_ids == ids(tok, "VWXYZabc") + [tok.eos_token_id]
     assert (len(c), len(r)) == (12, 15)
-    assert enc.truncated == 1
+    assert enc.truncated == 1 and enc.prompt_lost == 0  # part of the prompt survives
     enc.encode_pair(PreferencePair("short", "a", "b"))
     assert (enc.truncated, enc.encoded) == (1, 2)
 
@@ -85,6 +85,7 @@ def test_a_response_alone_too_long_keeps_its_end(tok):
     assert c.response_ids == ids(tok, "rown fox") + [tok.eos_token_id]  # 9 tokens: the end survives
     assert r.response_ids == ids(tok, "ok") + [tok.eos_token_id]
     assert len(c) == 10 and enc.truncated == 1
+    assert enc.prompt_lost == 1  # counted apart: this pair is rewarded with no prompt at all
 
 
 def test_group_truncation(tok):

@@ -69,7 +69,8 @@ class Encoder:
     Truncation: the prompt loses tokens from its left (by the same amount for every response of a
     record, so they keep sharing it; a leading BOS stays); if a response alone is still too long,
     it loses tokens from its left too, so its end, where the reward is read, always survives.
-    ``truncated`` counts records (pairs or groups) that lost any token; ``encoded`` counts all.
+    ``truncated`` counts records (pairs or groups) that lost any token, ``prompt_lost`` those of them
+    that lost their whole prompt (a response rewarded with no context); ``encoded`` counts all.
     """
 
     def __init__(self, tokenizer, max_length: int, chat_template: str = "auto"):
@@ -89,6 +90,7 @@ class Encoder:
         self.bos = _first_id(tokenizer, "bos_token_id", "cls_token_id")
         self.eos = _first_id(tokenizer, "eos_token_id", "sep_token_id")
         self.truncated = 0
+        self.prompt_lost = 0  # records whose whole prompt (all but a BOS) was cut: rewarded without context
         self.encoded = 0
 
     def encode_pair(self, pair: PreferencePair) -> tuple[EncodedSeq, EncodedSeq]:
@@ -109,9 +111,11 @@ class Encoder:
         for r in rs:
             if not r:
                 raise ValueError(f"{source}: a response encodes to no tokens (and the tokenizer has no eos/sep token)")
+        had_prompt = len(p) > self._head(p)
         p, rs, cut = self._fit(p, rs)
         self.encoded += 1
         self.truncated += cut
+        self.prompt_lost += had_prompt and len(p) <= self._head(p)
         return [EncodedSeq(list(p), r) for r in rs]
 
     def _tok(self, text: str) -> list[int]:
@@ -160,11 +164,14 @@ class Encoder:
             out = out[0]
         return list(out)
 
+    def _head(self, p: list[int]) -> int:
+        return 1 if self.bos is not None and p[:1] == [self.bos] else 0
+
     def _fit(self, p: list[int], rs: list[list[int]]) -> tuple[list[int], list[list[int]], bool]:
         longest = max(len(r) for r in rs)
         if len(p) + longest <= self.max_length:
             return p, rs, False
-        head = 1 if self.bos is not None and p[:1] == [self.bos] else 0
+        head = self._head(p)
         keep = max(self.max_length - head - longest, 0)  # prompt tokens that fit beside the longest response
         p = p[:head] + (p[len(p) - keep:] if keep else [])
         cap = self.max_length - len(p)

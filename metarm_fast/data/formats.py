@@ -32,7 +32,7 @@ from metarm_fast.data.records import DataError, MetaGroup, PreferencePair, Promp
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
 
-PAIR_FORMATS = ("explicit", "hh-rlhf", "summarize", "pku", "oasst")
+PAIR_FORMATS = ("explicit", "implicit", "hh-rlhf", "summarize", "pku", "oasst")
 META_FORMATS = ("meta",)
 PROMPT_FORMATS = PAIR_FORMATS + META_FORMATS + ("prompts", "text")
 
@@ -243,6 +243,33 @@ class HH(Format):
         return [PreferencePair(prompt, chosen, rejected, None, str(loc))]
 
 
+class Implicit(Format):
+    """TRL's implicit-prompt format with plain strings: ``chosen`` and ``rejected`` are whole texts,
+    the prompt is what they share at the start (cut back to the last whitespace, so that a word the two
+    responses happen to begin alike stays in the responses)."""
+
+    name = "implicit"
+
+    def convert(self, rec: dict, loc: Loc) -> list[PreferencePair]:
+        c_t = text(need(rec, "chosen", loc), loc, "chosen")
+        r_t = text(need(rec, "rejected", loc), loc, "rejected")
+        n = 0
+        for a, b in zip(c_t, r_t):
+            if a != b:
+                break
+            n += 1
+        if n < min(len(c_t), len(r_t)):
+            while n > 0 and not c_t[n - 1].isspace():
+                n -= 1
+        if n == 0:
+            raise bad_record(str(loc), "rejected", "chosen and rejected share no prompt at their start (implicit-prompt "
+                             "format); give the prompt in a 'prompt' field", "no shared prompt")
+        prompt = c_t[:n]
+        chosen, rejected = response(c_t[n:], loc, "chosen"), response(r_t[n:], loc, "rejected")
+        different(chosen, rejected, loc, "rejected")
+        return [PreferencePair(prompt, chosen, rejected, None, str(loc))]
+
+
 class Summarize(Format):
     """The prompt follows the Reddit TL;DR layout of "Learning to summarize from human feedback":
     "SUBREDDIT: r/<subreddit>\\nTITLE: <title>\\nPOST: <post>\\nTL;DR:"; news items (post null) use
@@ -442,6 +469,8 @@ def detect(rec: dict) -> str | None:
     if {"chosen", "rejected"} <= keys:
         if rec.get("prompt") is not None or isinstance(rec.get("chosen"), list):
             return "explicit"
+        if isinstance(rec.get("chosen"), str) and ASSISTANT_TAG not in rec["chosen"]:
+            return "implicit"  # TRL's implicit prompt, plain strings: no HH turns to split on
         return "hh-rlhf"
     if "prompt" in keys:
         return "prompts"
@@ -453,6 +482,8 @@ def make_format(name: str, pku_preference: str = "better") -> Format:
         return Explicit()
     if name == "hh-rlhf":
         return HH()
+    if name == "implicit":
+        return Implicit()
     if name == "summarize":
         return Summarize()
     if name == "pku":
