@@ -87,18 +87,19 @@ class MetaStep:
     @contextmanager
     def perturbed(self, micro_batches: int = 1):
         """theta' for the block; theta back on exit (normal or not). grad J must be in the .grad buffers."""
-        stats = self._perturb()
+        stats, hints = self._perturb()
         if self.sharded:
             restorer = _ShardRestorer(self.params)
         else:
-            restorer = _Restorer(self.params, self.masters, use_hooks=micro_batches == 1, hints=self._hints)
+            restorer = _Restorer(self.params, self.masters, use_hooks=micro_batches == 1, hints=hints)
         try:
             yield stats
         finally:
             restorer.restore_all()
             stats.restore_s = restorer.seconds
 
-    def _perturb(self) -> MetaStats:
+    def _perturb(self):
+        """theta' in place; returns the stats and what the perturbation learnt for the restore plan."""
         t0 = time.perf_counter()
         grads = [_local(g) for g in _grads(self.params)]
         params = [_local(p) for p in self.params]
@@ -120,7 +121,6 @@ class MetaStep:
         else:
             st = perturb_(params, grads, self.eta, masters=self.masters, exp_avg_sq=vs, bias_correction2=bc2)
             hints = st.restore_hints
-        self._hints = hints
         if self.masters is not None:
             for g in grads:  # the compute copy's J gradient is not needed any more; L accumulates from zero
                 g.zero_()
@@ -132,7 +132,7 @@ class MetaStep:
             dist.all_reduce(t)
             numbers = t.tolist()
         return MetaStats(int(numbers[0]), int(numbers[1]), numbers[2], numbers[3], int(numbers[4]),
-                         perturb_s=time.perf_counter() - t0)
+                         perturb_s=time.perf_counter() - t0), hints
 
 
 def _is_dtensor(t) -> bool:

@@ -93,7 +93,7 @@ def group_gaps(r: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef: float = 0.0,
                  second_order: bool = False, loss_fn=None, info=None, global_pairs=None, global_groups=None) -> dict:
     """grad_{theta'} L(theta') in the .grad buffers (plus eta * H_J grad L with ``second_order``), the
-    weights back at theta. Returns the L metrics, J and the perturbation's stats. Data parallel:
+    weights back at theta. Returns (metrics: L's, J and the perturbation's; the MetaStats). Data parallel:
     see ``l_pass`` and ``j_pass``; every rank perturbs with the same all-reduced grad J."""
     if second_order and info is not None and info.distributed:
         raise ValueError("--second-order is single-process only (its Hessian-vector product is not reduced across ranks)")
@@ -118,8 +118,7 @@ def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef
         meta_perturb_ms=stats.perturb_s * 1e3,
         meta_restore_ms=stats.restore_s * 1e3,
     )
-    m["_stats"] = stats
-    return m
+    return m, stats
 
 
 def zero_grads(params) -> None:

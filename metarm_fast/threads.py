@@ -1,7 +1,7 @@
 """How many CPU threads torch uses for a run, and a warning when other work is competing for the cores.
 
-Measured on a 2-core machine: two `make demo` runs at once took 40 s each with torch's 2 threads
-apiece, 14 s each with 1 thread (13 s for one run alone): threads that outnumber the free cores
+Measured on a 2-core machine: two demo runs (`metarm-fast train --method metarm`) started together
+took 40 s each with torch's 2 threads apiece, 14 s each with 1 thread (13 s for one run alone): threads that outnumber the free cores
 spin against each other. So the choice is printed at start, and a busy machine gets a warning
 that says what to pass.
 """
@@ -42,7 +42,7 @@ def busy_warning(threads: int, load: float | None = None, cores: int | None = No
         return None
     return (f"the machine is busy (1-minute load {load:.1f} on {cores} cores) and this run uses {threads} "
             f"threads: CPU-heavy processes that share cores slow each other down several times over "
-            f"(two runs on 2 cores with 2 threads each: 3x slower). Pass --threads "
+            f"(two demo runs on 2 cores with 2 threads each: 3x slower). Pass --threads "
             f"{max(1, cores - round(load))} (or set OMP_NUM_THREADS) to leave the others room.")
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 import math
 import os
 import random
 import shutil
 import signal
+import threading
 import time
 import warnings
 
@@ -244,16 +246,19 @@ class RewardTrainer:
         cfg = self.cfg
         zero_grads(self.params)
         batches = [self.pair_batch(items) for items in micro_batches]
+        # The step's global numbers of pairs and meta groups: step_inputs shards full global batches.
+        if self.dist.distributed:
+            global_pairs, global_groups = cfg.batch_size * len(micro_batches), cfg.meta_batch_size
+        else:
+            global_pairs, global_groups = sum(len(b) for b in micro_batches), len(meta_groups or ())
         try:
             if meta_groups is not None:
-                m = metarm_grads(self.model, self.meta, batches, self.meta_batch(meta_groups),
-                                 center_coef=cfg.center_coef, second_order=cfg.second_order, info=self.dist,
-                                 global_pairs=self._global(sum(len(b) for b in micro_batches), "pairs", micro_batches),
-                                 global_groups=self._global(len(meta_groups), "groups"))
-                self._warn_if_vanished(m.pop("_stats"))
+                m, stats = metarm_grads(self.model, self.meta, batches, self.meta_batch(meta_groups),
+                                        center_coef=cfg.center_coef, second_order=cfg.second_order, info=self.dist,
+                                        global_pairs=global_pairs, global_groups=global_groups)
+                self._warn_if_vanished(stats)
             else:
-                m = l_pass(self.model, batches, cfg.center_coef, info=self.dist,
-                           global_pairs=self._global(sum(len(b) for b in micro_batches), "pairs", micro_batches))
+                m = l_pass(self.model, batches, cfg.center_coef, info=self.dist, global_pairs=global_pairs)
         except NonFiniteLoss as e:
             zero_grads(self.params)
             if cfg.on_nonfinite == "stop":
@@ -263,15 +268,6 @@ class RewardTrainer:
         m["grad_norm"] = self.optimizer_step()
         m["lr"] = self.scheduler.get_last_lr()[0]
         return m
-
-    def _global(self, local: int, what: str, micro_batches=None) -> int:
-        """The step's global number of pairs or meta groups, of which this rank holds ``local``: the
-        config's batch sizes under data parallelism (``step_inputs`` shards full global batches)."""
-        if not self.dist.distributed:
-            return local
-        if what == "pairs":
-            return self.cfg.batch_size * len(micro_batches)
-        return self.cfg.meta_batch_size
 
     def optimizer_step(self) -> float:
         """Clip and step from the gradients in the .grad buffers (the last part of ``train_step``)."""
@@ -421,7 +417,7 @@ class RewardTrainer:
             self.log(f"metarm-fast: resuming from {resume_from} (step {self.step} of {self.total_steps})")
         if main:
             write_config(cfg)
-        metrics = open_metrics(cfg.output_dir, self.step) if main else _NullFile()
+        metrics = open_metrics(cfg.output_dir, self.step) if main else open(os.devnull, "w")  # rank 0 alone writes
         stop = _StopRequest()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
                    dynamic_ncols=True)
@@ -446,7 +442,7 @@ class RewardTrainer:
                     stopping = any_rank(stop.requested is not None, self.dist)
                     if stopping or (cfg.save_every and self.step % cfg.save_every == 0):
                         metrics.flush()
-                        if main:
+                        if main:  # (fsync refuses /dev/null)
                             os.fsync(metrics.fileno())
                         ckpt.save_checkpoint(root, self.step, self.state_dict(), cfg.keep_last, info=self.dist)
                         saved_at = self.step
@@ -516,19 +512,6 @@ class RewardTrainer:
         os.rmdir(tmp)
 
 
-class _NullFile:
-    """What ranks other than 0 write their metrics to."""
-
-    def write(self, _):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
 class _StopRequest:
     """SIGINT/SIGTERM ask the loop to finish its step, save and return; a second SIGINT stops at once
     (KeyboardInterrupt: the meta step restores the weights on its way out)."""
@@ -541,24 +524,17 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
+    @contextmanager
     def installed(self):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def cm():
-            import threading
-
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
-
-        return cm()
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
 
 # -- the output folder -------------------------------------------------------------------------------

@@ -47,8 +47,9 @@ def meta_grads(tr, micro, groups):
     from metarm_fast.steps import metarm_grads, zero_grads
 
     zero_grads(tr.params)
-    return metarm_grads(tr.model, tr.meta, [tr.pair_batch(items) for items in micro], tr.meta_batch(groups),
-                        center_coef=tr.cfg.center_coef, second_order=tr.cfg.second_order)
+    metrics, _ = metarm_grads(tr.model, tr.meta, [tr.pair_batch(items) for items in micro], tr.meta_batch(groups),
+                              center_coef=tr.cfg.center_coef, second_order=tr.cfg.second_order)
+    return metrics
 
 
 def l_grads(tr, micro):
