@@ -17,7 +17,8 @@ setup(
     # On a machine with none, `make` installs the CPU build first (see Makefile).
     install_requires=[
         "torch>=2.4",
-        "triton>=3.1,<4",
+        # Triton ships Linux wheels only; elsewhere (macOS, Windows) the torch paths of every kernel serve.
+        "triton>=3.1,<4; platform_system == 'Linux'",
         "transformers>=5.0,<6",
         "datasets>=3.0,<6",
         "bitsandbytes>=0.50,<1",  # <= 0.49 fails on the CPU
@@ -27,7 +28,12 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest"],
+        "lora": ["peft>=0.13,<1"],
+        "tensorboard": ["tensorboard>=2.14,<3"],
+        "wandb": ["wandb>=0.17,<1"],
+        "trackio": ["trackio>=0.2,<1"],
+        # The suite tests LoRA and the tensorboard logging, so it needs their extras.
+        "test": ["pytest", "peft>=0.13,<1", "tensorboard>=2.14,<3"],
         "bench": ["trl>=1.0"],
     },
     entry_points={"console_scripts": ["metarm-fast=metarm_fast.cli:main"]},

@@ -10,6 +10,7 @@ reference on CPU tensors; ``impl=`` or METARM_FAST_KERNELS overrides that (see `
   tensor at a time (in backward hooks) with the per-call checks made once; ``perturb_oracle_`` /
   ``restore_oracle_`` are the rule transcribed plainly, the yardstick the tests hold both paths to.
 """
+from ._triton import HAS_TRITON
 from .bt_loss import BTLossFunction, bt_loss, bt_loss_reference
 from .difference_loss import DifferenceLossFunction, difference_loss, difference_loss_reference
 from .perturb import perturb_, restore_
@@ -18,6 +19,7 @@ from .perturb_torch import perturb_reference_, restore_reference_
 from .restore_plan import RestorePlan
 
 __all__ = [
+    "HAS_TRITON",
     "bt_loss",
     "bt_loss_reference",
     "BTLossFunction",

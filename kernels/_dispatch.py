@@ -2,7 +2,8 @@
 
 Rules, shared by every public op in this package:
 
-* ``impl="auto"`` (the default): CUDA tensors run the Triton kernels; tensors on any other device
+* ``impl="auto"`` (the default): CUDA tensors run the Triton kernels (the torch reference where
+  Triton is not installed); tensors on any other device
   run the torch reference. On the CPU the Triton interpreter is far too slow for training
   (~1 s per million elements), so CPU training always takes the reference unless asked otherwise.
 * ``impl="torch"`` / ``impl="triton"`` force one path. An explicit argument beats the environment.
@@ -19,6 +20,8 @@ import os
 from typing import Iterable, Optional
 
 import torch
+
+from ._triton import HAS_TRITON
 
 try:  # The interpreter's class; its name has been stable since triton 2.2.
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
@@ -98,7 +101,11 @@ def resolve_impl(op: str, impl: str, tensors: Iterable[Optional[torch.Tensor]], 
         impl = _env_impl()
     if impl == "auto":
         devices = _devices(tensors)
-        impl = "triton" if devices and all(d.type == "cuda" for d in devices) else "torch"
+        on_cuda = devices and all(d.type == "cuda" for d in devices)
+        impl = "triton" if on_cuda and HAS_TRITON else "torch"
+    if impl == "triton" and not HAS_TRITON:
+        raise ValueError(f"{op}: the Triton path was asked for, but Triton is not installed here (it has Linux "
+                         "wheels only); use impl='torch' (or unset METARM_FAST_KERNELS)")
     if impl == "triton":
         check_triton_device(op, tensors, interpreted=is_interpreted(kernel))
     return impl

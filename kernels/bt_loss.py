@@ -30,11 +30,10 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import resolve_impl
+from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_SIZE = 1024

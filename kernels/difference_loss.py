@@ -27,11 +27,10 @@ the result is bitwise repeatable. Arithmetic is fp32 for every input dtype.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import resolve_impl
+from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_K = 64  # a 64 x 64 fp32 tile per step: 16 KiB of registers per program, plenty of work

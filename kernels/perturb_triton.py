@@ -13,10 +13,9 @@ which match torch bit for bit under the interpreter (checked on 1.15M values) an
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from .perturb_spec import _KIND, PerturbStats, _check_perturb_args, _check_restore_args, _raise_mismatch
+from ._triton import tl, triton
 
 BLOCK_SIZE = 1024
 BLOCKS_PER_PROGRAM = 8  # a program covers a chunk of 8192 elements: 0.8M programs for 6.7e9 params

@@ -109,12 +109,21 @@ def _print_summary(trainer, summary: dict) -> None:
     if "meta_gaps" in summary:
         g = summary["meta_gaps"]
         rows.append(("meta reward gap", f"mean {g['mean']:.3f}, median {g['median']:.3f} over {g['n']} pairs"))
+        if "meta_gaps_initial" in summary:
+            g0 = summary["meta_gaps_initial"]
+            rows.append(("  before training", f"mean {g0['mean']:.3f}, median {g0['median']:.3f} (same samples)"))
         rows.append(("gap histogram", summary["meta_gap_histogram"]))
     for name, rep in trainer.reports:
         rows.append((f"{name} data", rep.summary()))
     rows.append(("model (Hugging Face)", cfg.output_dir))
     rows.append(("metrics", os.path.join(cfg.output_dir, "metrics.jsonl")))
     rows.append(("resume checkpoints", os.path.join(cfg.output_dir, "checkpoints")))
+    if "training_curves" in summary:
+        rows.append(("training curves", summary["training_curves"]))
+    if "best" in summary:
+        rows.append(("best model", f"{summary['best']['path']} (eval accuracy {summary['best']['eval_accuracy']:.3f})"))
+    if "tensorboard" in cfg.report_to:
+        rows.append(("tensorboard", f"tensorboard --logdir {os.path.join(cfg.output_dir, 'tensorboard')}"))
     width = max(len(r[0]) for r in rows)
     print()
     for k, v in rows:

@@ -42,7 +42,7 @@ class TrainConfig:
     max_records: int | None = _f(None, "read at most this many records of each data source")
     max_length: int = _f(512, "tokens per sequence; longer pairs lose the start of their prompt")
     chat_template: str = _f("auto", "use the tokenizer's chat template: auto (when it has one), never, always", ("auto", "never", "always"))
-    packing: str = _f("none", "batch layout: none (padded), pack (sequences end to end, no padding), share-prompt (each prompt once, its responses after it)", ("none", "pack", "share-prompt"))
+    packing: str = _f("auto", "batch layout: none (padded), pack (sequences end to end, no padding), share-prompt (each prompt once, its responses after it; same rewards, fewest tokens); auto: share-prompt for decoder models, none for encoders", ("auto", "none", "pack", "share-prompt"))
     padding_side: str = _f("right", "where padding goes (rewards are read by position either way)", ("right", "left"))
     # -- optimisation ---------------------------------------------------------------------------
     batch_size: int = _f(8, "preference pairs per micro-batch, in all: with torchrun, split across the ranks")
@@ -75,6 +75,9 @@ class TrainConfig:
     resume: str | None = _f(None, "continue a run: 'auto' (the latest complete checkpoint in output_dir, or a fresh start if none) or a checkpoint folder")
     overwrite: bool = _f(False, "replace another run's files in output_dir instead of stopping")
     eval_batch_size: int = _f(32, "pairs per evaluation batch")
+    eval_every: int = _f(0, "evaluate on the eval pairs every N optimizer steps (metrics.jsonl, progress bar, --report-to); 0: at the end only")
+    keep_best: bool = _f(False, "with --eval-every: also export the model of the best eval accuracy so far to output_dir/best")
+    report_to: str = _f("none", "also send the metrics to: none, or a comma-separated list of tensorboard, wandb, trackio (optional extras)")
     log_every: int = _f(1, "write metrics every N optimizer steps")
     progress: bool = _f(True, "show a progress bar")
 
@@ -107,6 +110,14 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "meta_batch_size", "meta_k", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config: {name} must be >= 0 (0: off), got {getattr(self, name)}")
+        from metarm_fast.tracking import parse_report_to
+
+        parse_report_to(self.report_to)
+        if self.keep_best and not self.eval_every:
+            raise ValueError("config: keep_best needs eval_every > 0 (the best model is chosen by its eval accuracy)")
         if self.threads < 0:
             raise ValueError(f"config: threads must be >= 0 (0: automatic), got {self.threads}")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -140,7 +151,8 @@ class TrainConfig:
 # it computes (up to float32 rounding across world sizes): a resume
 # may change them.
 NOT_RUN_SETTINGS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "resume",
-                              "overwrite", "threads", "eval_batch_size", "parallel"})
+                              "overwrite", "threads", "eval_batch_size", "parallel", "eval_every",
+                              "keep_best", "report_to"})
 
 
 def _check_type(name: str, value, hint) -> None:

@@ -51,6 +51,29 @@ def choose_attention(cfg: TrainConfig) -> str:
     return register_blockwise_sdpa() if cfg.packing != "none" else "sdpa"
 
 
+def choose_packing(cfg: TrainConfig) -> tuple[str, str]:
+    """The batch layout and why: ``--packing auto`` takes prompt sharing, the exact layout that computes
+    the fewest tokens, wherever the model reads its reward at the last token (decoders); encoders pool
+    their first token over the whole row and stay padded."""
+    if cfg.packing != "auto":
+        return cfg.packing, "as set"
+    if cfg.model == TINY_MODEL:
+        return "share-prompt", "auto: decoder model"
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    hf_cfg = _from_pretrained("--model", cfg.model, AutoConfig.from_pretrained)
+    hf_cfg.num_labels = 1
+    try:
+        with torch.device("meta"):  # the module tree only: no weights are read or allocated
+            skeleton = AutoModelForSequenceClassification.from_config(hf_cfg)
+    except ValueError as e:
+        raise ValueError(f"--model {cfg.model}: transformers has no sequence-classification (reward) model for "
+                         f"this checkpoint's type {hf_cfg.model_type!r} ({str(e).splitlines()[0][:160]})") from None
+    if _last_token_head(skeleton) is not None:
+        return "share-prompt", "auto: decoder model"
+    return "none", "auto: encoder model, which pools over the whole row"
+
+
 def build_tiny_llama(vocab_size: int, pad_token_id: int, layers: int = 2, hidden: int = 64, attn: str = "sdpa"):
     """A small random Llama-shaped reward model, built offline in well under a second."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -116,6 +139,10 @@ def load_model(cfg: TrainConfig, tokenizer) -> nn.Module:
     """The reward model in the precision the config asks for (bf16-master: bf16 here, masters kept by the trainer)."""
     from transformers import AutoModelForSequenceClassification
 
+    if cfg.packing == "auto":
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, packing=choose_packing(cfg)[0])
     dtype = _DTYPES[cfg.precision]
     attn = choose_attention(cfg)
     if cfg.model == TINY_MODEL:
@@ -125,7 +152,7 @@ def load_model(cfg: TrainConfig, tokenizer) -> nn.Module:
     else:
         model = _from_pretrained("--model", cfg.model, AutoModelForSequenceClassification.from_pretrained,
                                  num_labels=1, dtype=dtype, attn_implementation=attn)
-    if cfg.packing != "none" and _last_token_head(model) is None:
+    if cfg.packing not in ("none", "auto") and _last_token_head(model) is None:
         raise ValueError(f"model {cfg.model}: --packing {cfg.packing} needs a decoder reward model (a last-token "
                          "`score` head); encoders such as BERT pool [CLS] over the whole row: use --packing none")
     if model.config.num_labels != 1:

@@ -41,7 +41,7 @@ from metarm_fast.parallel import (
     init_distributed,
     shard,
 )
-from metarm_fast.model import RewardModel, load_model, load_tokenizer
+from metarm_fast.model import RewardModel, choose_packing, load_model, load_tokenizer
 from metarm_fast.sampler import EpochSampler
 from metarm_fast.sources import meta_source, pair_source
 from metarm_fast.steps import (
@@ -52,11 +52,15 @@ from metarm_fast.steps import (
     optimizer_step,
     zero_grads,
 )
+from metarm_fast.plots import GAP_HISTOGRAM, TRAINING_CURVES, save_gap_histogram, save_training_curves
 from metarm_fast.threads import busy_warning, set_threads
+from metarm_fast.tracking import TENSORBOARD_DIR, Trackers, check_installed, parse_report_to
 
 METRICS = "metrics.jsonl"
 CONFIG = "metarm_fast_config.yaml"
 CHECKPOINTS = "checkpoints"
+INITIAL_GAPS = "meta_reward_gaps_initial.pt"  # the baseline of the gap histogram, kept across a resume
+BEST = "best"  # --keep-best's export
 _PAIR_STREAM, _META_STREAM = 1, 2
 
 
@@ -77,10 +81,15 @@ class RewardTrainer:
         busy = busy_warning(self.threads) if self.device.type == "cpu" else None
         if busy:
             warnings.warn(busy)
+        check_installed(parse_report_to(cfg.report_to))  # before any slow step
         self.tokenizer = load_tokenizer(cfg)
         self.encoder = Encoder(self.tokenizer, cfg.max_length, chat_template=cfg.chat_template)
         self.reports = []
         self._load_data()  # read and checked before the model: a bad data path must not cost a model load
+        if cfg.eval_every and not self.eval_pairs:
+            raise ValueError("--eval-every needs eval pairs: pass --eval-data, or --eval-fraction to hold some out")
+        packing, why = choose_packing(cfg)
+        self.cfg = cfg = dataclasses.replace(cfg, packing=packing)  # saved resolved: a resume compares layouts
         self.fsdp = self.dist.distributed and cfg.parallel in ("auto", "fsdp")
         load_cfg = dataclasses.replace(cfg, precision="fp32") if self.fsdp and cfg.precision == "bf16-master" else cfg
         self.rm = RewardModel(load_model(load_cfg, self.tokenizer)).to(self.device)  # the module itself
@@ -92,7 +101,7 @@ class RewardTrainer:
             self.model = self.rm  # what the steps call
         if not self.dist.is_main:
             self.log = log = lambda *a, **k: None
-        log(f"metarm-fast: attention {self.rm.config._attn_implementation}, packing {cfg.packing}, "
+        log(f"metarm-fast: attention {self.rm.config._attn_implementation}, packing {cfg.packing} ({why}), "
             f"device {self.device}, {self.threads} CPU threads"
             + (f", {self.dist.world_size} ranks ({'FSDP2' if self.fsdp else 'DDP'})" if self.dist.distributed else ""))
         self.model.train()
@@ -115,6 +124,7 @@ class RewardTrainer:
                              if self.meta_groups else None)
         self.step = 0  # optimizer steps taken
         self.warned_vanished = False
+        self.best_eval_accuracy = -1.0  # of the --keep-best export; -1: none yet
         self.pairs_done = 0
         self.train_seconds = 0.0
 
@@ -301,6 +311,7 @@ class RewardTrainer:
             "train": {
                 "step": self.step,
                 "warned_vanished": self.warned_vanished,
+                "best_eval_accuracy": self.best_eval_accuracy,
                 "pairs_done": self.pairs_done,
                 "train_seconds": self.train_seconds,
                 "torch_rng": torch.get_rng_state(),
@@ -344,6 +355,7 @@ class RewardTrainer:
         t = sd["train"]
         self.step, self.warned_vanished = int(t["step"]), bool(t["warned_vanished"])
         self.pairs_done, self.train_seconds = int(t["pairs_done"]), float(t["train_seconds"])
+        self.best_eval_accuracy = float(t["best_eval_accuracy"])
         torch.set_rng_state(t["torch_rng"])
         random.setstate(t["python_rng"])
 
@@ -417,12 +429,21 @@ class RewardTrainer:
             self.log(f"metarm-fast: resuming from {resume_from} (step {self.step} of {self.total_steps})")
         if main:
             write_config(cfg)
+        evaluates = main or self.fsdp  # under FSDP2 every forward is a collective: all ranks evaluate, rank 0 writes
+        initial_gaps = os.path.join(cfg.output_dir, INITIAL_GAPS)
+        need_baseline = broadcast_object(bool(self.meta_groups) and not os.path.exists(initial_gaps), self.dist)
+        if need_baseline and evaluates:
+            gaps = self.meta_gaps()  # the histogram's baseline: the model before its first step
+            if main:
+                torch.save(gaps, initial_gaps)
         metrics = open_metrics(cfg.output_dir, self.step) if main else open(os.devnull, "w")  # rank 0 alone writes
+        trackers = Trackers(parse_report_to(cfg.report_to) if main else [], cfg.output_dir, cfg.to_dict(), self.step)
         stop = _StopRequest()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
                    dynamic_ncols=True)
         root = os.path.join(cfg.output_dir, CHECKPOINTS)
         saved_at = self.step if resume_from else None
+        postfix = {}
         try:
             with stop.installed():
                 while self.step < self.total_steps:
@@ -433,11 +454,24 @@ class RewardTrainer:
                     self.pairs_done += m.get("pairs", 0)
                     rate = self.pairs_done / max(self.train_seconds, 1e-9)
                     m.update(step=self.step, pairs_per_s=round(rate, 2))
-                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and evaluates:
+                        m["eval"] = self.evaluate()
+                        postfix["eval_acc"] = f"{m['eval']['accuracy']:.3f}"
+                        better = m["eval"]["accuracy"] > self.best_eval_accuracy
+                        if self.fsdp:  # every rank must join the gather below, or none
+                            better = broadcast_object(better, self.dist)
+                        if cfg.keep_best and better:
+                            self.best_eval_accuracy = m["eval"]["accuracy"]
+                            full = full_state_dict(self.rm) if self.fsdp else None
+                            if main:
+                                self.export(os.path.join(cfg.output_dir, BEST), {"eval": m["eval"]}, full_state=full)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps or "eval" in m:
                         metrics.write(json.dumps(m) + "\n")
                         metrics.flush()
+                        trackers.log(m)
                     if "loss" in m:
-                        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}", pairs_s=f"{rate:.1f}")
+                        postfix.update(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}", pairs_s=f"{rate:.1f}")
+                        bar.set_postfix(postfix)
                     bar.update(1)
                     stopping = any_rank(stop.requested is not None, self.dist)
                     if stopping or (cfg.save_every and self.step % cfg.save_every == 0):
@@ -449,6 +483,7 @@ class RewardTrainer:
                     if stopping:
                         bar.close()
                         metrics.close()
+                        trackers.close()
                         return {"interrupted": stop.requested or "a signal on another rank", "steps": self.step,
                                 "checkpoint": ckpt.step_dir(root, self.step)}
         finally:
@@ -457,8 +492,7 @@ class RewardTrainer:
             ckpt.save_checkpoint(root, self.step, self.state_dict(), cfg.keep_last, info=self.dist)
         summary = {"steps": self.step, "train_time_s": round(self.train_seconds, 2),
                    "pairs_per_s": round(self.pairs_done / max(self.train_seconds, 1e-9), 2)}
-        # Under FSDP2 every forward is a collective: all ranks evaluate (the same pairs), rank 0 writes.
-        if main or self.fsdp:
+        if evaluates:
             if self.eval_pairs:
                 summary["eval"] = self.evaluate()
                 if cfg.train_data.startswith("synthetic") and cfg.eval_data != "synthetic:shifted":
@@ -472,7 +506,19 @@ class RewardTrainer:
                 gaps = self.meta_gaps()
                 summary["meta_gaps"] = {"mean": float(gaps.mean()), "median": float(gaps.median()), "n": gaps.numel()}
                 if main:
-                    summary["meta_gap_histogram"] = save_gap_histogram(gaps, os.path.join(cfg.output_dir, "meta_reward_gaps.png"))
+                    before = torch.load(initial_gaps) if os.path.exists(initial_gaps) else None
+                    if before is not None:
+                        summary["meta_gaps_initial"] = {"mean": float(before.mean()), "median": float(before.median())}
+                    summary["meta_gap_histogram"] = save_gap_histogram(
+                        gaps, os.path.join(cfg.output_dir, GAP_HISTOGRAM), baseline=before,
+                        label=f"after {self.step} steps ({cfg.method})")
+        if main:
+            metrics.flush()
+            summary["training_curves"] = save_training_curves(os.path.join(cfg.output_dir, METRICS),
+                                                              os.path.join(cfg.output_dir, TRAINING_CURVES))
+            if cfg.keep_best and self.best_eval_accuracy >= 0:
+                summary["best"] = {"path": os.path.join(cfg.output_dir, BEST), "eval_accuracy": self.best_eval_accuracy}
+        trackers.close()
         full = full_state_dict(self.rm) if self.fsdp else None  # gathered by every rank
         if main:
             metrics.write(json.dumps({"final": summary}) + "\n")
@@ -538,7 +584,9 @@ class _StopRequest:
 
 
 # -- the output folder -------------------------------------------------------------------------------
-_RUN_FILES = (METRICS, CONFIG, CHECKPOINTS, "config.json", "model.safetensors", "meta_reward_gaps.png")
+_RUN_FILES = (METRICS, CONFIG, CHECKPOINTS, "config.json", "model.safetensors", GAP_HISTOGRAM, TRAINING_CURVES,
+              INITIAL_GAPS, BEST, TENSORBOARD_DIR)
+
 
 
 def prepare_output_dir(cfg: TrainConfig) -> str | None:
@@ -620,24 +668,8 @@ def pair_metrics(rc: torch.Tensor, rr: torch.Tensor) -> dict:
     return {
         "pairs": int(rc.numel()),
         "accuracy": float((rc > rr).double().mean()),
+        "loss": float(-torch.nn.functional.logsigmoid((rc - rr).double()).mean()),  # Bradley-Terry, no margin
         "reward_gap_mean": float((rc - rr).double().mean()),
         "reward_mean": float(all_r.mean()),
         "reward_std": float(all_r.std()) if all_r.numel() > 1 else 0.0,
     }
-
-
-def save_gap_histogram(gaps: torch.Tensor, path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.hist(gaps.numpy(), bins=40, color="#3a6ea5")
-    ax.set_xlabel("|r(x, s_i) - r(x, s_j)| on the meta set")
-    ax.set_ylabel("response pairs")
-    ax.set_title("Reward gaps on the shifted distribution")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -41,3 +41,29 @@ def test_packing_refuses_an_encoder(tmp_path):
     SyntheticTask(0).tokenizer().save_pretrained(d)
     with pytest.raises(ValueError, match="decoder"):
         RewardTrainer(tiny_config(tmp_path, model=str(d), packing="pack"))
+
+
+def test_auto_packing_shares_prompts_for_decoders_and_pads_encoders(tmp_path):
+    """--packing auto (the default): share-prompt for a decoder (the tiny Llama, or one saved as a
+    folder), padded for an encoder; the choice is printed at start and saved resolved in the config."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from metarm_fast.config import TrainConfig
+    from metarm_fast.model import build_tiny_llama
+    from metarm_fast.synthetic import SyntheticTask
+
+    assert TrainConfig().packing == "auto"
+    tok = SyntheticTask(0).tokenizer()
+    bert, llama = tmp_path / "bert", tmp_path / "llama"
+    BertForSequenceClassification(BertConfig(vocab_size=80, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, num_labels=1)).save_pretrained(bert)
+    build_tiny_llama(len(tok), tok.pad_token_id, layers=1, hidden=32).save_pretrained(llama)
+    for d in (bert, llama):
+        tok.save_pretrained(d)
+    for model, expected in (("tiny-llama", "share-prompt"), (str(llama), "share-prompt"), (str(bert), "none")):
+        lines = []
+        tr = RewardTrainer(tiny_config(tmp_path, model=model), log=lines.append)
+        assert tr.cfg.packing == expected, model
+        assert f"packing {expected} (auto:" in lines[0], lines[0]
+    # set explicitly, it is kept
+    assert RewardTrainer(tiny_config(tmp_path, packing="none")).cfg.packing == "none"

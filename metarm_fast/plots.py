@@ -1,0 +1,103 @@
+"""The two figures a run writes at its end (matplotlib, headless).
+
+- ``meta_reward_gaps.png``: the reward gaps |r(x, s_i) - r(x, s_j)| between the responses of each
+  meta-set prompt, for the trained model and for a baseline on the very same samples (the model
+  before training, scored at step 0). The count axis is logarithmic: the gaps pile up near 0 and
+  the tail, which is what MetaRM is meant to widen, would otherwise be invisible. Dashed lines mark
+  the means, dotted lines the medians.
+- ``training_curves.png``: training loss and accuracy per logged step (and a running mean over
+  about 5% of the run), with the eval accuracy of ``--eval-every`` where there is one.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+GAP_HISTOGRAM = "meta_reward_gaps.png"
+TRAINING_CURVES = "training_curves.png"
+
+__all__ = ["GAP_HISTOGRAM", "TRAINING_CURVES", "save_gap_histogram", "save_training_curves", "read_curves"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_gap_histogram(gaps: torch.Tensor, path: str, baseline: torch.Tensor | None = None,
+                       label: str = "trained", baseline_label: str = "before training") -> str:
+    plt = _pyplot()
+    series = [(label, gaps.double(), "#3a6ea5")]
+    if baseline is not None:
+        series.insert(0, (baseline_label, baseline.double(), "#c0603a"))
+    top = max(float(g.max()) for _, g, _ in series if g.numel()) if any(g.numel() for _, g, _ in series) else 1.0
+    bins = torch.linspace(0.0, max(top, 1e-6), 41).tolist()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, g, color in series:
+        ax.hist(g.numpy(), bins=bins, color=color, alpha=0.55, label=f"{name} (mean {float(g.mean()):.3f}, "
+                                                                     f"median {float(g.median()):.3f})")
+        ax.axvline(float(g.mean()), color=color, linestyle="--", linewidth=1)
+        ax.axvline(float(g.median()), color=color, linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("|r(x, s_i) - r(x, s_j)| on the meta set")
+    ax.set_ylabel("response pairs (log)")
+    ax.set_title("Reward gaps on the meta set (-- mean, .. median)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def read_curves(metrics_path: str) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series from metrics.jsonl: train loss, train accuracy, eval accuracy."""
+    curves = {"loss": [], "accuracy": [], "eval_accuracy": []}
+    with open(metrics_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "step" not in rec:
+                continue
+            for k in ("loss", "accuracy"):
+                if k in rec:
+                    curves[k].append((rec["step"], float(rec[k])))
+            if "eval" in rec:
+                curves["eval_accuracy"].append((rec["step"], float(rec["eval"]["accuracy"])))
+    return curves
+
+
+def _running_mean(ys: list[float], width: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= width:
+            acc -= ys[i - width]
+        out.append(acc / min(i + 1, width))
+    return out
+
+
+def save_training_curves(metrics_path: str, path: str) -> str:
+    plt = _pyplot()
+    c = read_curves(metrics_path)
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, title in ((ax_l, "loss", "Bradley-Terry loss"), (ax_a, "accuracy", "accuracy")):
+        if c[key]:
+            xs, ys = zip(*c[key])
+            ax.plot(xs, ys, color="#9bb7d4", linewidth=0.6, label=f"train {key} (per step)")
+            ax.plot(xs, _running_mean(list(ys), max(1, len(ys) // 20)), color="#3a6ea5", label="running mean")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+    if c["eval_accuracy"]:
+        xs, ys = zip(*c["eval_accuracy"])
+        ax_a.plot(xs, ys, "o-", color="#c0603a", markersize=3, label="eval accuracy")
+    for ax in (ax_l, ax_a):
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,92 @@
+"""What a run leaves for its user besides the model: eval during training, the best model, the
+tensorboard events, and the two figures."""
+import json
+import os
+
+import pytest
+import torch
+
+from metarm_fast.trainer import RewardTrainer
+from tests.helpers import tiny_config
+
+
+def _lines(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_eval_every_logs_eval_metrics_and_keeps_the_best_model(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = tiny_config(tmp_path, max_steps=7, eval_every=3, keep_best=True, method="metarm", log_every=5)
+    summary = RewardTrainer(cfg).train()
+    steps = [r for r in _lines(cfg.output_dir) if "step" in r]
+    # logged steps: every 5th, the last, and every eval step -- each once
+    assert [r["step"] for r in steps] == [3, 5, 6, 7]
+    evals = {r["step"]: r["eval"] for r in steps if "eval" in r}
+    assert sorted(evals) == [3, 6]
+    for e in evals.values():
+        assert e["pairs"] == 64 and 0.0 <= e["accuracy"] <= 1.0 and "loss" in e
+    best = max(e["accuracy"] for e in evals.values())
+    assert summary["best"]["eval_accuracy"] == best
+    # the exported best model scores the eval pairs with the best accuracy it was chosen for
+    tr = RewardTrainer(tiny_config(tmp_path / "probe", model=os.path.join(cfg.output_dir, "best"),
+                                   tokenizer=os.path.join(cfg.output_dir, "best"), max_steps=1))
+    assert tr.evaluate()["accuracy"] == pytest.approx(best, abs=1e-12)
+    assert AutoModelForSequenceClassification.from_pretrained(os.path.join(cfg.output_dir, "best")).config.reward_std > 0
+
+
+def test_eval_every_needs_eval_pairs_and_keep_best_needs_eval_every(tmp_path):
+    with pytest.raises(ValueError, match="keep_best needs eval_every"):
+        tiny_config(tmp_path, keep_best=True).resolved()
+    with pytest.raises(ValueError, match="eval_every must be >= 0"):
+        tiny_config(tmp_path, eval_every=-1).resolved()
+    with pytest.raises(ValueError, match="--eval-every needs eval pairs"):
+        RewardTrainer(tiny_config(tmp_path, eval_every=2, eval_data=None, train_data="synthetic:shifted"))
+
+
+def test_tensorboard_events_hold_the_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(tmp_path, max_steps=4, eval_every=2, report_to="tensorboard")
+    RewardTrainer(cfg).train()
+    acc = EventAccumulator(os.path.join(cfg.output_dir, "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/accuracy", "train/grad_norm", "eval/accuracy"} <= set(tags)
+    steps = [r for r in _lines(cfg.output_dir) if "step" in r]
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == [r["step"] for r in steps]
+    # tensorboard stores float32: the values agree to float32 rounding (relative 6e-8)
+    assert [e.value for e in events] == pytest.approx([r["loss"] for r in steps], rel=1e-7)
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [2, 4]
+
+
+def test_report_to_names_a_missing_backend_and_a_bad_value(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match=r"--report-to wandb: not installed; pip install 'metarm-fast\[wandb\]'"):
+        RewardTrainer(tiny_config(tmp_path, report_to="tensorboard,wandb"))
+    with pytest.raises(ValueError, match="report_to='tensorbord'"):
+        tiny_config(tmp_path, report_to="tensorbord").resolved()
+
+
+def test_figures_compare_against_the_initial_model_on_the_same_samples(tmp_path):
+    from metarm_fast.plots import read_curves
+
+    cfg = tiny_config(tmp_path, method="metarm", max_steps=5, eval_every=5)
+    tr = RewardTrainer(cfg)
+    before = tr.meta_gaps()
+    summary = tr.train()
+    out = cfg.output_dir
+    for name in ("meta_reward_gaps.png", "training_curves.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    saved = torch.load(os.path.join(out, "meta_reward_gaps_initial.pt"))
+    assert torch.equal(saved, before)  # the baseline: the model before step 1, same meta samples
+    assert summary["meta_gaps_initial"]["mean"] == pytest.approx(float(before.mean()))
+    assert summary["meta_gaps"]["mean"] != pytest.approx(float(before.mean()))
+    curves = read_curves(os.path.join(out, "metrics.jsonl"))
+    assert [s for s, _ in curves["loss"]] == [1, 2, 3, 4, 5] and [s for s, _ in curves["eval_accuracy"]] == [5]
