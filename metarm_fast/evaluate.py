@@ -1,11 +1,14 @@
-"""Score a saved reward model on preference pairs, with the same encoding and reward positions as training."""
+"""Score a saved reward model on preference pairs, with the same encoding and reward positions as training.
+
+A source whose records carry a `subset` field is read as RewardBench (1 or 2) and gets the report of
+``metarm_fast.rewardbench``: accuracy per subset, per section, and best-of-4 for RewardBench 2."""
 from __future__ import annotations
 
 import torch
 
 from metarm_fast.config import TrainConfig
-from metarm_fast.batch import EncodedPair, pair_batch
-from metarm_fast.data import Encoder
+from metarm_fast.batch import EncodedPair, meta_batch, pair_batch
+from metarm_fast.data import Encoder, read_records
 from metarm_fast.model import RewardModel, ensure_pad_token
 from metarm_fast.sources import pair_source
 
@@ -51,6 +54,25 @@ def run_settings(model_dir: str) -> dict:
     return {k: saved[k] for k in RUN_SETTINGS if k in saved}
 
 
+@torch.no_grad()
+def score_groups(model, tok, groups, max_length: int = 512, batch_size: int = 32, chat_template: str = "auto"):
+    """Rewards of every response of each group (a list per group, in its order), and the truncations."""
+    enc = Encoder(tok, max_length, chat_template=chat_template)
+    rm = RewardModel(model)
+    out = []
+    for i in range(0, len(groups), batch_size):
+        batch = meta_batch([enc.encode_group(g) for g in groups[i : i + batch_size]], "none", tok.pad_token_id)
+        r = rm(batch).tolist()
+        out += [r[a:b] for a, b in zip(batch.offsets[:-1].tolist(), batch.offsets[1:].tolist())]
+    return out, enc.truncated
+
+
+def is_rewardbench(data: str, split: str = "test") -> bool:
+    """True when the source's first record carries a `subset` field (RewardBench 1 and 2 do)."""
+    first = next(read_records(data, split=split, max_records=1), None)
+    return first is not None and "subset" in first[1]
+
+
 def evaluate_checkpoint(model_dir: str, data: str, *, data_format=None, max_length=None, batch_size=32,
                         on_bad_record="error", max_records=None, split="test", chat_template=None,
                         pku_preference=None) -> dict:
@@ -64,13 +86,24 @@ def evaluate_checkpoint(model_dir: str, data: str, *, data_format=None, max_leng
     defaults = TrainConfig()
     saved = run_settings(model_dir)
     settings = {k: v if v is not None else saved.get(k, getattr(defaults, k)) for k, v in given.items()}
+    used = {k: {"value": v, "from": "flag" if given[k] is not None else "run" if k in saved else "default"}
+            for k, v in settings.items()}
+    if not data.startswith("synthetic") and is_rewardbench(data, split):
+        from metarm_fast.rewardbench import comparisons_from_records, report as rewardbench_report
+
+        comparisons = comparisons_from_records(read_records(data, split=split, max_records=max_records))
+        model, tok = load_checkpoint(model_dir)
+        rewards, truncated = score_groups(model, tok, [c.group for c in comparisons], settings["max_length"],
+                                          batch_size, settings["chat_template"])
+        out = rewardbench_report(comparisons, rewards)
+        out.update(truncated=truncated, data=data, model=model_dir,
+                   settings={k: v for k, v in used.items() if k in ("max_length", "chat_template")})
+        return out
     cfg = TrainConfig(data_format=settings["data_format"], on_bad_record=on_bad_record, max_records=max_records,
                       split=split, pku_preference=settings["pku_preference"])
     pairs, report = pair_source(data, cfg)  # read and checked before the model is loaded
     model, tok = load_checkpoint(model_dir)
     rc, rr, truncated = score_pairs(model, tok, pairs, settings["max_length"], batch_size, settings["chat_template"])
     out = pair_metrics(rc, rr)
-    out.update(truncated=truncated, skipped=dict(report.skipped), data=data, model=model_dir,
-               settings={k: {"value": v, "from": "flag" if given[k] is not None else "run" if k in saved else "default"}
-                         for k, v in settings.items()})
+    out.update(truncated=truncated, skipped=dict(report.skipped), data=data, model=model_dir, settings=used)
     return out

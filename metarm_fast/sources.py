@@ -35,6 +35,8 @@ def pair_source(name: str, cfg: TrainConfig) -> tuple[list[PreferencePair], Load
         on_bad_record=cfg.on_bad_record,
         pku_preference=cfg.pku_preference,
         max_records=cfg.max_records,
+        oasst_lang=cfg.oasst_lang,
+        oasst_keep_flagged=cfg.oasst_keep_flagged,
     )
 
 

@@ -206,6 +206,31 @@ def test_oasst_trees(tmp_path):
     assert first[0].source.startswith(f"{path}:line 2 vs line ")
 
 
+def test_oasst_filters_leave_out_flagged_and_other_language_subtrees(tmp_path):
+    rows = oasst_rows()
+    by_id = {r["message_id"]: r for r in rows}
+    by_id["a3"]["deleted"] = True  # a ranked reply: its two pairs go
+    by_id["f"]["review_result"] = False  # a prompter turn: the replies below it (b1, b2, b3) go
+    for r in rows:
+        r["review_result"] = r.get("review_result", True)
+    path = write_jsonl(tmp_path / "oasst.jsonl", rows)
+    pairs, report = load_pairs(path)
+    assert {(p.chosen, p.rejected) for p in pairs} == {("A drink made from leaves.", "A plant.")}
+    assert report.skipped == {"filtered: deleted message": 1, "filtered: failed review": 1,
+                              "filtered: reply below a filtered message": 3}
+    # kept on request: the same five pairs as without the flags
+    assert len(load_pairs(path, oasst_keep_flagged=True)[0]) == 5
+    # one language: a second tree in German is left out whole
+    de = [dict(r, message_id="de-" + r["message_id"], parent_id=r["parent_id"] and "de-" + r["parent_id"], lang="de",
+               deleted=False, review_result=True) for r in oasst_rows()]
+    path = write_jsonl(tmp_path / "two.jsonl", oasst_rows() + de)
+    assert len(load_pairs(path)[0]) == 10
+    pairs, report = load_pairs(path, oasst_lang="en")
+    assert len(pairs) == 5 and all(int(p.source.split("line ")[1].split()[0]) <= 10 for p in pairs)  # the English tree
+    assert report.skipped == {"filtered: language other than en": 10}
+    assert "filtered: language other than en" in report.summary()
+
+
 # -- meta, prompts, detection, options ----------------------------------------------------------------
 
 

@@ -2,10 +2,11 @@
 (lazily), never the trainer, the model or the command line."""
 from metarm_fast.data.encode import EncodedSeq, Encoder, collate, hh_to_messages, messages_to_hh
 from metarm_fast.data.formats import PAIR_FORMATS, detect
-from metarm_fast.data.readers import load_meta, load_pairs, load_prompts
+from metarm_fast.data.readers import load_meta, load_pairs, load_prompts, read_records
 from metarm_fast.data.records import DataError, LoadReport, MetaGroup, PreferencePair
 
 __all__ = [
+    "read_records",
     "DataError",
     "EncodedSeq",
     "Encoder",

@@ -17,11 +17,15 @@ hh-rlhf    {"chosen", "rejected"}: whole "\\n\\nHuman: ...\\n\\nAssistant: ..." 
            prompt + chosen is the chosen transcript.
 summarize  OpenAI summarize_from_feedback comparisons: {"info", "summaries", "choice"}.
 pku        PKU-SafeRLHF: {"prompt", "response_0", "response_1", "better_response_id", "safer_response_id"}.
-oasst      oasst1 message rows: {"message_id", "parent_id", "role", "text", "rank"}.
+oasst      oasst1 message rows: {"message_id", "parent_id", "role", "text", "rank"}; deleted messages
+           and those that failed review are left out with their replies unless oasst_keep_flagged,
+           and oasst_lang keeps one language (rows' "lang"); each left-out row is counted.
 meta       the meta set: {"prompt", "responses": [k strings]}.
 prompts    {"prompt"} only (load_prompts); "text" is a .txt file with one prompt a line.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import math
 from dataclasses import dataclass
@@ -142,6 +146,11 @@ def _short(s: str, n: int = 40) -> str:
 
 class Format:
     name = ""
+    # Records left out on purpose by a filter of the format (reason -> count): reported, not bad.
+    filtered: Counter
+
+    def __init__(self) -> None:
+        self.filtered = Counter()
 
     def convert(self, rec: dict, loc: Loc) -> list:
         raise NotImplementedError
@@ -317,6 +326,7 @@ class PKU(Format):
     name = "pku"
 
     def __init__(self, preference: str = "better"):
+        super().__init__()
         self.id_field = f"{preference}_response_id"
 
     def convert(self, rec: dict, loc: Loc) -> list[PreferencePair]:
@@ -335,6 +345,7 @@ class _Message:
     text: str
     rank: int | None
     usable: bool  # False for a ranked assistant reply with no text (reported when read)
+    kept: bool = True  # False when a filter (deleted, review, language) leaves it and its subtree out
 
 
 class Oasst(Format):
@@ -351,7 +362,9 @@ class Oasst(Format):
 
     name = "oasst"
 
-    def __init__(self) -> None:
+    def __init__(self, lang: str | None = None, keep_flagged: bool = False) -> None:
+        super().__init__()
+        self.lang, self.keep_flagged = lang, keep_flagged
         self.rows: dict[str, _Message] = {}
         self.read_all = True  # set False by the reader when max_records cut the source short
 
@@ -372,10 +385,38 @@ class Oasst(Format):
         if rank is not None:
             rank = integer(rank, loc, "rank")
         usable = not (role == "assistant" and rank is not None and not body.strip())
-        self.rows[mid] = _Message(loc, parent, _ROLES_OASST[role], body, rank, usable)
+        why = self._filter(rec)
+        if why:
+            self.filtered[why] += 1
+        self.rows[mid] = _Message(loc, parent, _ROLES_OASST[role], body, rank, usable and not why, not why)
+        if why:
+            return []
         if not usable:
             response(body, loc, "text")  # raises "empty response" for this reply
         return []
+
+    def _filter(self, rec: dict) -> str | None:
+        """Why a message is left out (with its replies): deleted, failed review, another language."""
+        if not self.keep_flagged:
+            if rec.get("deleted") is True:
+                return "deleted message"
+            if rec.get("review_result") is False:
+                return "failed review"
+        if self.lang is not None and rec.get("lang") != self.lang:
+            return f"language other than {self.lang}"
+        return None
+
+    def _below_filtered(self, mid: str | None) -> bool:
+        seen = set()
+        while mid is not None and mid not in seen:
+            seen.add(mid)
+            m = self.rows.get(mid)
+            if m is None:
+                return False  # a missing parent is reported by _conversation
+            if not m.kept:
+                return True
+            mid = m.parent_id
+        return False
 
     def finish(self, bad: Callable[[DataError], None]) -> list[PreferencePair]:
         children: dict[str, list[_Message]] = {}
@@ -388,6 +429,9 @@ class Oasst(Format):
                 (m for m in kids if m.role == "assistant" and m.rank is not None and m.usable), key=lambda m: m.rank
             )
             if len({m.rank for m in ranked}) < 2:
+                continue
+            if self._below_filtered(parent_id):
+                self.filtered["reply below a filtered message"] += len(ranked)
                 continue
             try:
                 prompt = self._conversation(parent_id, ranked[0])
@@ -477,7 +521,8 @@ def detect(rec: dict) -> str | None:
     return None
 
 
-def make_format(name: str, pku_preference: str = "better") -> Format:
+def make_format(name: str, pku_preference: str = "better", oasst_lang: str | None = None,
+                oasst_keep_flagged: bool = False) -> Format:
     if name == "explicit":
         return Explicit()
     if name == "hh-rlhf":
@@ -489,7 +534,7 @@ def make_format(name: str, pku_preference: str = "better") -> Format:
     if name == "pku":
         return PKU(pku_preference)
     if name == "oasst":
-        return Oasst()
+        return Oasst(oasst_lang, oasst_keep_flagged)
     if name == "meta":
         return Meta()
     if name in ("prompts", "text"):

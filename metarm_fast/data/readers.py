@@ -40,8 +40,30 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+HUB_OPTIONS = ("name", "data_dir", "split")  # NAME?name=CONFIG&data_dir=DIR&split=SPLIT
+
+
+def hub_options(source: str) -> tuple[str, dict[str, str]]:
+    """A hub source's dataset and its load_dataset options: ``Anthropic/hh-rlhf?data_dir=harmless-base``,
+    ``org/set?name=CONFIG``, ``org/set?split=test``; ({} for a source without a '?')."""
+    if "?" not in source:
+        return source, {}
+    name, query = source.split("?", 1)
+    opts = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if key not in HUB_OPTIONS or not eq or not value:
+            raise DataError(f"{source}: {part!r} is not an option of a hub dataset; use "
+                            + ", ".join(f"{k}=..." for k in HUB_OPTIONS) + " joined by '&' after the '?' "
+                            "(e.g. Anthropic/hh-rlhf?data_dir=harmless-base)", location=source)
+        opts[key] = value
+    return name, opts
+
+
 def _open_source(source: str, split: str) -> tuple[str, Iterator[Record]]:
     """(kind, records): kind is "json", "parquet", "text" or "hub"."""
+    if "?" in source:
+        return "hub", _hub_records(source, split)
     path = os.path.expanduser(source)
     if os.path.isdir(path):
         raise DataError(f"{source}: is a directory; pass a .jsonl, .json or .parquet file (gzip allowed)", location=source)
@@ -188,11 +210,13 @@ def _text_records(source: str, path: str) -> Iterator[Record]:
             yield loc, {"prompt": line}
 
 
-def _hub_records(name: str, split: str) -> Iterator[Record]:
+def _hub_records(source: str, split: str) -> Iterator[Record]:
+    name, opts = hub_options(source)
+    split = opts.pop("split", split)
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, split=split, **opts)
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or "offline" in str(e).lower()
         why = (
@@ -200,12 +224,12 @@ def _hub_records(name: str, split: str) -> Iterator[Record]:
             else "the hub could not provide it (no network, a wrong name, or a split that does not exist)"
         )
         raise DataError(
-            f"{name}: not a local file, and loading it as a hub dataset (split {split!r}) failed: {why}. "
+            f"{source}: not a local file, and loading it as a hub dataset (split {split!r}) failed: {why}. "
             f"Error: {type(e).__name__}: {e}. Pass a local .jsonl/.json/.parquet file instead, "
             "or download the dataset on a machine with network access first",
-            location=name,
+            location=source,
         ) from e
-    origin = f"{name}[{split}]"
+    origin = f"{source}[{split}]"
     for n, rec in enumerate(ds, 1):
         yield Loc(origin, "record", n), rec
 
@@ -232,7 +256,7 @@ def _check_args(on_bad_record: str, max_records: int | None) -> None:
 
 
 def _load(source: str, kind: str, allowed: tuple[str, ...], format: str, split: str, on_bad_record: str,
-          max_records: int | None, pku_preference: str = "better") -> tuple[list, LoadReport]:
+          max_records: int | None, pku_preference: str = "better", **format_options) -> tuple[list, LoadReport]:
     _check_args(on_bad_record, max_records)
     if pku_preference not in ("better", "safer"):
         raise ValueError(f"pku_preference must be 'better' or 'safer', got {pku_preference!r}")
@@ -245,7 +269,7 @@ def _load(source: str, kind: str, allowed: tuple[str, ...], format: str, split: 
         format = "text"
     report = LoadReport(path=source, format=format, kind=kind)
     out = _Collector(report, on_bad_record)
-    handler: Format | None = None if format == "auto" else make_format(format, pku_preference)
+    handler: Format | None = None if format == "auto" else make_format(format, pku_preference, **format_options)
     items: list = []
     with closing(records):
         for loc, rec in records:
@@ -261,7 +285,7 @@ def _load(source: str, kind: str, allowed: tuple[str, ...], format: str, split: 
                 out.bad(bad_record(str(loc), None, f"expected a JSON object, got {type(rec).__name__}", "non-object record"))
                 continue
             if handler is None:
-                handler = make_format(_detect(rec, loc, allowed, kind), pku_preference)
+                handler = make_format(_detect(rec, loc, allowed, kind), pku_preference, **format_options)
                 report.format = handler.name
             try:
                 items.extend(handler.convert(rec, loc))
@@ -269,6 +293,8 @@ def _load(source: str, kind: str, allowed: tuple[str, ...], format: str, split: 
                 out.bad(e)
     if handler is not None:
         items.extend(handler.finish(out.bad))
+        for why, n in handler.filtered.items():
+            report.skipped[f"filtered: {why}"] += n
     report.loaded = len(items)
     if not items:
         raise DataError(
@@ -298,17 +324,35 @@ def _detect(rec: dict, loc: Loc, allowed: tuple[str, ...], kind: str) -> str:
     )
 
 
+def read_records(source: str, *, split: str = "train", max_records: int | None = None):
+    """The raw records of a file or hub dataset as (location, dict) pairs, for readers of formats of
+    their own (the RewardBench report). A record that is not a JSON object raises a DataError."""
+    _check_args("error", max_records)
+    _, records = _open_source(source, split)
+    with closing(records):
+        for n, (loc, rec) in enumerate(records, 1):
+            if max_records is not None and n > max_records:
+                break
+            if isinstance(rec, DataError):
+                raise rec
+            if not isinstance(rec, dict):
+                raise bad_record(str(loc), None, f"expected a JSON object, got {type(rec).__name__}", "non-object record")
+            yield loc, rec
+
+
 def load_pairs(source: str, *, format: str = "auto", split: str = "train", on_bad_record: str = "error",
-               pku_preference: str = "better", max_records: int | None = None
-               ) -> tuple[list[PreferencePair], LoadReport]:
+               pku_preference: str = "better", max_records: int | None = None, oasst_lang: str | None = None,
+               oasst_keep_flagged: bool = False) -> tuple[list[PreferencePair], LoadReport]:
     """Preference pairs from a file or hub dataset, and a report of what was read and skipped.
 
     format: "auto" (from the first record's fields) or one of explicit, hh-rlhf, summarize, pku,
     oasst. on_bad_record: "error" stops at the first bad record, "skip" counts it in the report.
     pku_preference: which PKU-SafeRLHF label makes the pair ("better" or "safer").
     max_records: read at most this many records (lines / rows) of the source.
+    oasst_lang, oasst_keep_flagged: oasst1's filters (one language; keep deleted / failed-review rows).
     """
-    return _load(source, "pairs", PAIR_FORMATS, format, split, on_bad_record, max_records, pku_preference)
+    return _load(source, "pairs", PAIR_FORMATS, format, split, on_bad_record, max_records, pku_preference,
+                 oasst_lang=oasst_lang, oasst_keep_flagged=oasst_keep_flagged)
 
 
 def load_meta(source: str, *, format: str = "auto", split: str = "train", on_bad_record: str = "error",
