@@ -58,6 +58,10 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "clip the gradient to this norm; 0 disables clipping")
     optimizer: str = _f("adamw", "torch AdamW, or bitsandbytes' 8-bit AdamW (2 bytes of state per parameter)", ("adamw", "adamw8bit"))
     precision: str = _f("fp32", "fp32; bf16 (pure, the meta step may vanish in rounding); bf16-master (bf16 compute copy, fp32 master weights)", ("fp32", "bf16", "bf16-master"))
+    lora_r: int = _f(0, "LoRA rank through peft (optional extra [lora]): adapters on --lora-target, the reward head trained in full, the meta step on the trainable weights only; 0: train every weight")
+    lora_alpha: float | None = _f(None, "LoRA scale numerator (the update is alpha/r * B @ A); default 2 * lora_r")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA inputs")
+    lora_target: str = _f("all-linear", "modules that get adapters: all-linear (every linear layer but the head), or comma-separated names such as q_proj,v_proj")
     activation_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     center_coef: float = _f(0.0, "reward centering: adds c * mean((r_w + r_l)^2) to the loss (0.01 is TRL's suggestion)")
     seed: int = _f(0, "seed for model init, data order and sampling; a CPU run repeats exactly, at any thread count")
@@ -120,6 +124,15 @@ class TrainConfig:
         parse_report_to(self.report_to)
         if self.keep_best and not self.eval_every:
             raise ValueError("config: keep_best needs eval_every > 0 (the best model is chosen by its eval accuracy)")
+        if self.lora_r < 0:
+            raise ValueError(f"config: lora_r must be >= 0 (0: no LoRA), got {self.lora_r}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"config: lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"config: lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_r and self.precision == "bf16-master":
+            raise ValueError("config: --lora-r with --precision bf16-master is not supported (the merged export would "
+                             "come from the bf16 copy); use fp32, or bf16 for a bf16 base model")
         if self.threads < 0:
             raise ValueError(f"config: threads must be >= 0 (0: automatic), got {self.threads}")
         if self.max_steps == 0 or self.max_steps < -1:

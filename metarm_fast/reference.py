@@ -24,9 +24,10 @@ def copy_based_meta_grads(trainer, micro_batches, meta_groups) -> dict:
         p.grad = None
     meta = trainer.meta_batch(meta_groups)
     j = difference_loss(shadow(meta), meta.offsets, impl="torch")
-    grads_j = torch.autograd.grad(j, list(shadow.parameters()))
+    trainable = [p for p in shadow.parameters() if p.requires_grad]  # (LoRA: the adapters and the head)
+    grads_j = torch.autograd.grad(j, trainable)
     with torch.no_grad():
-        for p, g in zip(shadow.parameters(), grads_j):
+        for p, g in zip(trainable, grads_j):
             p.add_(g, alpha=cfg.eta)  # theta' = theta + eta * grad J
     del grads_j
     theta_prime = [p.detach().clone() for p in shadow.parameters() if p.requires_grad]

@@ -30,6 +30,7 @@ from metarm_fast import checkpoint as ckpt
 from metarm_fast.batch import EncodedPair, meta_batch, pair_batch
 from metarm_fast.config import TrainConfig
 from metarm_fast.data import Encoder
+from metarm_fast.lora import ADAPTER_DIR, apply_lora, merged_copy
 from metarm_fast.meta_step import MetaStep
 from metarm_fast.parallel import (
     any_rank,
@@ -92,7 +93,14 @@ class RewardTrainer:
         self.cfg = cfg = dataclasses.replace(cfg, packing=packing)  # saved resolved: a resume compares layouts
         self.fsdp = self.dist.distributed and cfg.parallel in ("auto", "fsdp")
         load_cfg = dataclasses.replace(cfg, precision="fp32") if self.fsdp and cfg.precision == "bf16-master" else cfg
-        self.rm = RewardModel(load_model(load_cfg, self.tokenizer)).to(self.device)  # the module itself
+        hf = load_model(load_cfg, self.tokenizer)
+        self.peft = None
+        if cfg.lora_r:
+            if self.fsdp:
+                raise ValueError("--lora-r with FSDP2 is not supported yet; use --parallel ddp (the frozen base "
+                                 "weights are then replicated, the adapters small)")
+            self.peft = apply_lora(hf, cfg.lora_r, cfg.lora_alpha or 2.0 * cfg.lora_r, cfg.lora_dropout, cfg.lora_target)
+        self.rm = RewardModel(hf).to(self.device)  # the module itself (LoRA: with peft's adapters injected)
         if self.fsdp:
             self.model = apply_fsdp(self.rm, self.dist, bf16_compute=cfg.precision == "bf16-master")
         elif self.dist.distributed:
@@ -551,10 +559,22 @@ class RewardTrainer:
             # Save the fp32 masters, not their rounded bf16 compute copy.
             state_dict = dict(hf.state_dict())
             state_dict.update({n.removeprefix("hf."): m.detach() for n, m in zip(self.param_names, self.masters)})
-        hf.save_pretrained(tmp, state_dict=state_dict)
+        if self.peft is not None:
+            # The merged model (a plain checkpoint) in the folder, the adapter with its head beside it.
+            merged = merged_copy(self.peft)
+            merged.config.update({k: getattr(hf.config, k) for k in ("reward_mean", "reward_std", "reward_stats_from")
+                                  if hasattr(hf.config, k)})
+            merged.save_pretrained(tmp)
+            self.peft.save_pretrained(os.path.join(tmp, ADAPTER_DIR))
+            del merged
+        else:
+            hf.save_pretrained(tmp, state_dict=state_dict)
         self.tokenizer.save_pretrained(tmp)
         for name in sorted(os.listdir(tmp)):
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+            dest = os.path.join(out_dir, name)
+            if os.path.isdir(dest):  # the adapter folder of an earlier export
+                shutil.rmtree(dest)
+            os.replace(os.path.join(tmp, name), dest)
         os.rmdir(tmp)
 
 
@@ -585,7 +605,7 @@ class _StopRequest:
 
 # -- the output folder -------------------------------------------------------------------------------
 _RUN_FILES = (METRICS, CONFIG, CHECKPOINTS, "config.json", "model.safetensors", GAP_HISTOGRAM, TRAINING_CURVES,
-              INITIAL_GAPS, BEST, TENSORBOARD_DIR)
+              INITIAL_GAPS, BEST, TENSORBOARD_DIR, ADAPTER_DIR)
 
 
 
