@@ -1,6 +1,6 @@
 """Peak memory of one step: vanilla vs the in-place MetaRM step vs a copy-based MetaRM step.
 
-    python -m bench.memory [--hidden 256 --layers 4 --batch 8 --precision fp32 --out results.json]
+    python -m bench.memory [--hidden 256 --layers 4 --batch 8 --precision fp32 --lora-r 0 --out results.json]
 
 On the CPU the peak comes from allocation accounting (metarm_fast.memory.AllocationTracker: the bytes
 of weights, gradient buffers and optimizer states, plus every tensor the step creates while it
@@ -42,20 +42,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "bf16-master"))
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"))
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: every weight trained)")
     ap.add_argument("--out", help="write the result as JSON here")
     a = ap.parse_args(argv)
 
     cfg = TrainConfig(
         method="metarm", tiny_hidden=a.hidden, tiny_layers=a.layers, batch_size=a.batch, max_records=256,
         max_length=128, precision=a.precision, optimizer=a.optimizer, eta=1e-3, progress=False,
-        activation_checkpointing=a.activation_checkpointing, output_dir=tempfile.mkdtemp(),
+        activation_checkpointing=a.activation_checkpointing, output_dir=tempfile.mkdtemp(), lora_r=a.lora_r,
     )
     tr = RewardTrainer(cfg)
     peaks = compare_step_peaks(tr)
     param_bytes, vanilla, meta, copy_based = (peaks[k] for k in ("param_bytes", "vanilla", "metarm", "copy_based"))
     mb = 1 / 2**20
     result = {
-        "params": sum(p.numel() for p in tr.params),
+        "params": sum(p.numel() for p in tr.params),  # trainable ones (LoRA: adapters and head)
+        "all_params": sum(p.numel() for p in tr.rm.parameters()),
         "param_MB": round(param_bytes * mb, 3),
         "vanilla_peak_MB": round(vanilla * mb, 3),
         "metarm_peak_MB": round(meta * mb, 3),

@@ -63,9 +63,11 @@ class AllocationTracker(TorchDispatchMode):
 
 
 def standing_bytes(trainer) -> int:
-    """Bytes held between steps: weights, gradient buffers, optimizer states, fp32 masters."""
+    """Bytes held between steps: weights (frozen ones too: LoRA's base), gradient buffers, optimizer
+    states, fp32 masters."""
     states = [t for st in trainer.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-    return tensor_bytes(trainer.params + [p.grad for p in trainer.params] + states + (trainer.masters or []))
+    weights = list(trainer.rm.parameters())
+    return tensor_bytes(weights + [p.grad for p in trainer.params] + states + (trainer.masters or []))
 
 
 def step_peak_bytes(trainer, fn) -> int:
