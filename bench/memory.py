@@ -42,12 +42,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "bf16-master"))
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"))
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--packing", default="none", choices=("none", "pack", "share-prompt"))
     ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: every weight trained)")
     ap.add_argument("--out", help="write the result as JSON here")
     a = ap.parse_args(argv)
 
     cfg = TrainConfig(
-        method="metarm", tiny_hidden=a.hidden, tiny_layers=a.layers, batch_size=a.batch, max_records=256,
+        method="metarm", packing=a.packing, tiny_hidden=a.hidden, tiny_layers=a.layers, batch_size=a.batch, max_records=256,
         max_length=128, precision=a.precision, optimizer=a.optimizer, eta=1e-3, progress=False,
         activation_checkpointing=a.activation_checkpointing, output_dir=tempfile.mkdtemp(), lora_r=a.lora_r,
     )

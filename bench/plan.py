@@ -697,6 +697,7 @@ def validate(hidden: int = 256, layers: int = 4, batch: int = 8, max_length: int
         bsz = b_override or batch
         # The configuration of bench/memory.py (its main() builds it inline).
         cfg = TrainConfig(
+            packing="none",  # padded: the geometry the plan models
             method="metarm", tiny_hidden=hidden, tiny_layers=layers, batch_size=bsz, max_records=256,
             max_length=max_length, precision=precision, optimizer="adamw", eta=1e-3, progress=False,
             activation_checkpointing=ckpt, output_dir=tempfile.mkdtemp(),
