@@ -7,11 +7,13 @@ PIP = $(PYTHON) -m pip
 
 .PHONY: install demo demo-vanilla test
 
-# A torch already present (a GPU user's) is kept; with none, the CPU build is installed
-# explicitly, because a bare `torch` requirement would pull a CUDA build of several GB.
+# A torch already present (a GPU user's) is kept; with none, torch 2.13.0 is installed first, from
+# TORCH_INDEX when it is set (on Linux, PyPI's wheel is the CUDA build; for the CPU-only one:
+# make test TORCH_INDEX=https://download.pytorch.org/whl/cpu).
 # constraints.txt holds the tested versions; a pin applies only to a package not installed yet.
+TORCH_INDEX ?=
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	@$(PYTHON) -c "$$MISSING_PINS" > .missing-constraints.txt
 	@$(PIP) install -q -c .missing-constraints.txt -e ".[test]"
 
