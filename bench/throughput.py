@@ -469,6 +469,7 @@ class TrlRunner(Runner):
         rows = [ds[k] for k in range(i * batch, (i + 1) * batch)]
         inputs = self.trainer.data_collator(rows)
         shim = SimpleNamespace(
+            rm=self.model,
             params=[p for p in self.model.parameters() if p.requires_grad],
             optimizer=getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer),
             masters=None,

@@ -605,7 +605,7 @@ class _StopRequest:
 
 # -- the output folder -------------------------------------------------------------------------------
 _RUN_FILES = (METRICS, CONFIG, CHECKPOINTS, "config.json", "model.safetensors", GAP_HISTOGRAM, TRAINING_CURVES,
-              INITIAL_GAPS, BEST, TENSORBOARD_DIR, ADAPTER_DIR)
+              INITIAL_GAPS, BEST, TENSORBOARD_DIR, ADAPTER_DIR, "wandb")
 
 
 

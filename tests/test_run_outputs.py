@@ -90,3 +90,27 @@ def test_figures_compare_against_the_initial_model_on_the_same_samples(tmp_path)
     assert summary["meta_gaps"]["mean"] != pytest.approx(float(before.mean()))
     curves = read_curves(os.path.join(out, "metrics.jsonl"))
     assert [s for s, _ in curves["loss"]] == [1, 2, 3, 4, 5] and [s for s, _ in curves["eval_accuracy"]] == [5]
+
+
+def test_trackio_and_wandb_offline_get_the_metrics(tmp_path):
+    """Where they are installed (optional extras; not in `make test`): a CLI run reporting to both,
+    offline. trackio's local store is read back; wandb's offline run is found in the output folder."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("trackio")
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    env = dict(os.environ, TRACKIO_DIR=str(tmp_path / "trackio"), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "metarm_fast.cli", "train", "--max-steps", "3", "--max-records", "32", "--threads", "1",
+           "--tiny-hidden", "32", "--output-dir", str(out), "--no-progress", "--report-to", "trackio,wandb"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    read = ("from trackio.sqlite_storage import SQLiteStorage as S, json; import json; "
+            "print(json.dumps([(x['step'], x['train/loss']) for x in S.get_logs('metarm-fast', 'run')]))")
+    got = subprocess.run([sys.executable, "-c", read.replace("S, json", "S")], env=env, capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr[-2000:]
+    want = [(rec["step"], rec["loss"]) for rec in _lines(out) if "step" in rec]
+    assert [tuple(x) for x in json.loads(got.stdout)] == want
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
