@@ -229,12 +229,19 @@ def run_seed(s: Settings, seed: int, work: str, threads: int, log) -> tuple[dict
     return rows, gold, common_gaps
 
 
-def environment(threads: int, argv: list[str]) -> dict:
+def git_commit() -> str | None:
+    """The commit the run started from, with "+changes" when the working tree differed from it."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here).stdout.strip()
     except OSError:
-        commit = None
+        return None
+    return (head + ("+changes" if dirty else "")) or None
+
+
+def environment(threads: int, argv: list[str], commit: str | None) -> dict:
     return {"torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "cpu_cores": os.cpu_count(), "threads": threads, "commit": commit,
             "command": "python -m bench.shift" + ("" if not argv else " " + " ".join(argv))}
@@ -258,7 +265,7 @@ def main(argv=None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), git_commit()
     per_seed, gold, hist = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-shift-") as work:
         for seed in seeds:
@@ -278,7 +285,7 @@ def main(argv=None) -> dict:
     text = table(summary, methods, s.rounds, METRICS, headers(s), BASELINE)
     results["table"] = text
     save_figure(results, os.path.join(out, "shift.png"))
-    results["environment"] = environment(threads, argv)
+    results["environment"] = environment(threads, argv, commit)
     results["environment"]["wall_s"] = round(time.perf_counter() - start, 1)
     with open(os.path.join(out, "shift.json"), "w") as f:
         json.dump(results, f, indent=1)
