@@ -139,7 +139,9 @@ def train_reward_model(s: Settings, seed: int, rnd: int, method: str, eta, init:
     if method == "metarm":
         meta_path = write_jsonl(os.path.join(folder, "meta.jsonl"),
                                 [{"prompt": g.prompt, "responses": list(g.responses)} for g in meta_groups])
-    cfg = TrainConfig(method=method, model=init or TINY_MODEL, lr=s.lr, eta=eta, train_data=pairs_path,
+    # packing="none": the padded layout the published run used (prompt sharing, the default for decoders,
+    # gives the same rewards to float rounding, which a whole run amplifies past bitwise repetition).
+    cfg = TrainConfig(method=method, model=init or TINY_MODEL, lr=s.lr, eta=eta, train_data=pairs_path, packing="none",
                       meta_data=meta_path, data_format="explicit", max_length=s.max_length,
                       max_steps=s.rm_steps_first if init is None else s.rm_steps_next, batch_size=s.batch_size,
                       meta_batch_size=s.meta_batch_size, seed=seed + 1000 * rnd,
