@@ -50,7 +50,9 @@ def main(argv=None) -> dict:
             out = os.path.join(a.runs, f"{e}-{s}")
             if final_summary(out) is None:
                 cmd = [sys.executable, "-m", "metarm_fast.cli", "train", "--method", "metarm", "--eta", e, "--seed",
-                       str(s), "--output-dir", out, "--no-progress", "--overwrite", *a.extra.split()]
+                       str(s), "--output-dir", out, "--no-progress", "--overwrite",
+                       "--packing", "none",  # the padded layout of the published table (auto: share-prompt)
+                       *a.extra.split()]
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             f = final_summary(out)
             table[(e, s)] = (f["eval"]["accuracy"], f["eval_shifted"]["accuracy"], f["meta_gaps"]["mean"])
