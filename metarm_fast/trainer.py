@@ -96,6 +96,10 @@ class RewardTrainer:
         self.fsdp = self.dist.distributed and cfg.parallel in ("auto", "fsdp")
         load_cfg = dataclasses.replace(cfg, precision="fp32") if self.fsdp and cfg.precision == "bf16-master" else cfg
         self.rm = RewardModel(load_model(load_cfg, self.tokenizer)).to(self.device)  # the module itself
+        if cfg.compile:
+            from metarm_fast.compile import compile_blocks_
+
+            compile_blocks_(self.rm.hf)
         if self.fsdp:
             self.model = apply_fsdp(self.rm, self.dist, bf16_compute=cfg.precision == "bf16-master")
         elif self.dist.distributed:
@@ -133,12 +137,12 @@ class RewardTrainer:
 
     # -- set-up ----------------------------------------------------------------------------------
     def _sparse_embedding(self) -> None:
-        """One process, no double backward, not compiled: the embedding's gradient comes sparse and is
-        added into a dense .grad allocated here (``sparse_embedding_grad_`` says why). DDP and FSDP2
-        reduce dense gradients; the second-order term differentiates the backward again; AOTAutograd
-        does not trace sparse gradients."""
+        """One process, no double backward: the embedding's gradient comes sparse and is added into a
+        dense .grad allocated here (``sparse_embedding_grad_`` says why). DDP and FSDP2 reduce dense
+        gradients; the second-order term differentiates the backward again. (--compile leaves the
+        embedding eager.)"""
         cfg = self.cfg
-        if self.dist.distributed or cfg.second_order or getattr(cfg, "compile", False):
+        if self.dist.distributed or cfg.second_order:
             return
         if sparse_embedding_grad_(self.rm.hf):
             for p in self.params:
