@@ -27,6 +27,7 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
+        "liger": ["liger-kernel>=0.5"],  # --liger (GPU only)
         "test": ["pytest"],
         "bench": ["trl>=1.0"],
     },

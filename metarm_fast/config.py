@@ -62,6 +62,7 @@ class TrainConfig:
     parallel: str = _f("auto", "with torchrun: fsdp (FSDP2: weights, gradients and optimizer states sharded across the ranks) or ddp (each rank the whole model); auto: fsdp when WORLD_SIZE > 1", ("auto", "none", "ddp", "fsdp"))
     threads: int = _f(0, "CPU threads for torch; 0: torch's default (OMP_NUM_THREADS if set), at most the usable cores")
     compile: bool = _f(False, "torch.compile the model's RMSNorm and MLP modules (dynamic shapes); attention and the meta step stay eager")
+    liger: bool = _f(False, "GPU: Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in a Llama model (pip install -e .[liger])")
     # -- MetaRM ---------------------------------------------------------------------------------
     eta: float | None = _f(None, "meta step size (gradient ascent on J); default: equal to lr, as in the paper")
     meta_batch_size: int = _f(8, "prompts (each with its k responses) per meta batch, in all: with torchrun, split across the ranks")

@@ -96,6 +96,10 @@ class RewardTrainer:
         self.fsdp = self.dist.distributed and cfg.parallel in ("auto", "fsdp")
         load_cfg = dataclasses.replace(cfg, precision="fp32") if self.fsdp and cfg.precision == "bf16-master" else cfg
         self.rm = RewardModel(load_model(load_cfg, self.tokenizer)).to(self.device)  # the module itself
+        if cfg.liger:
+            from metarm_fast.liger import apply_liger_
+
+            apply_liger_(self.rm.hf)
         if cfg.compile:
             from metarm_fast.compile import compile_blocks_
 
