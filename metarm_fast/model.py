@@ -20,8 +20,10 @@ def choose_attention(cfg: TrainConfig) -> str:
 
     CPU: torch SDPA (its flash kernel) for padded batches; for packed batches SDPA run block by block
     (metarm_fast.packing.BLOCKWISE_SDPA: a dense T x T mask makes the CPU kernel compute every tile).
-    GPU: FlashAttention 2 when flash-attn is installed and the layout is padded or packed without
-    prompt sharing (varlen); block-wise SDPA for prompt sharing; SDPA otherwise.
+    GPU: FlashAttention 2 varlen when flash-attn is installed and the layout is packed without prompt
+    sharing; FlexAttention with a block-sparse BlockMask for prompt sharing (and for packing without
+    flash-attn): the block-wise SDPA loop is one small kernel launch per block and layer, launch-bound
+    on a GPU, where flex runs every block in one kernel and skips the masked tiles; SDPA when padded.
     `--attn-implementation blockwise` names the block-wise backend explicitly.
     """
     from metarm_fast.packing import register_blockwise_sdpa
@@ -45,10 +47,19 @@ def choose_attention(cfg: TrainConfig) -> str:
     if torch.cuda.is_available():
         import importlib.util
 
-        if importlib.util.find_spec("flash_attn") is not None and cfg.packing != "share-prompt":
+        if importlib.util.find_spec("flash_attn") is not None and cfg.packing == "pack":
             return "flash_attention_2"
+        if cfg.packing != "none" and has_flex_attention():
+            return "flex_attention"
         return register_blockwise_sdpa() if cfg.packing != "none" else "sdpa"
     return register_blockwise_sdpa() if cfg.packing != "none" else "sdpa"
+
+
+def has_flex_attention() -> bool:
+    """torch ships FlexAttention (torch >= 2.5)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def build_tiny_llama(vocab_size: int, pad_token_id: int, layers: int = 2, hidden: int = 64, attn: str = "sdpa"):
