@@ -534,6 +534,7 @@ def build_config(a, packing: str) -> TrainConfig:
         batch_size=a.batch,
         max_steps=(a.warmup + a.steps) * a.repeat,  # every repeat is an optimizer step: the schedule covers them
         seed=a.seed,
+        compile=getattr(a, "compile", False),
         progress=False,
         output_dir=tempfile.mkdtemp(prefix="bench-throughput-"),
     )
@@ -732,6 +733,7 @@ def main(argv=None) -> dict:
                     help="torch intra-op threads (default: torch's). On a shared CPU, 1 avoids OpenMP threads "
                          "waiting on a descheduled sibling, which can slow small steps 100x")
     ap.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of the device, for MFU")
+    ap.add_argument("--compile", action="store_true", help="our trainers with --compile (TrainConfig.compile); TRL as is")
     ap.add_argument("--out", help="write rows + environment here (.json or .csv)")
     ap.add_argument("--nproc", type=int, default=1, help="> 1: data-parallel pairs/s per rank (torchrun, gloo) against "
                                                          "one process, through the CLI (bench/nproc.py); --threads per process")
