@@ -32,8 +32,8 @@ def write_inputs(src: str, n: int, folder: str) -> tuple[str, str]:
             rec = json.loads(line)
             c, r = rec["chosen"], rec["rejected"]
             cut = c.rfind(HH_TURN) + len(HH_TURN)
-            if cut < len(HH_TURN) or r[:cut] != c[:cut]:
-                continue  # no shared prompt to split off
+            if cut < len(HH_TURN) or r[:cut] != c[:cut] or not c[cut:].strip() or not r[cut:].strip():
+                continue  # no shared prompt to split off, or an empty response (the CLI refuses those)
             pairs.append(rec)
             meta.append({"prompt": c[:cut], "responses": [c[cut:], r[cut:]]})
             if len(pairs) == n:
