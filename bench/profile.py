@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", default="vanilla,metarm")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--max-length", type=int, default=512, help="as TrainConfig.max_length, the CLI default")
     ap.add_argument("--max-records", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="torch.compile the reward model (TrainConfig.compile)")
