@@ -215,8 +215,9 @@ def sparse_embedding_grad_(model: nn.Module) -> bool:
 
     Why: the embedding's dense backward allocates a zeroed vocab x hidden tensor every pass and then
     adds all of it into .grad. On the bench's tiny Llama (30522 x 256, 31 MB, 77% of the weights) the
-    freshly allocated zeros cost ~11 ms each on 2 CPU cores (page faults), two per MetaRM step (J and
-    L pass), more than the whole optimizer step. A sparse gradient (one row per input token) is added
+    vocab-sized fills of one MetaRM step (these zeros for the J and the L pass, the zeroing of .grad,
+    the restore's) took 46.6 ms of a ~400 ms step on 2 CPU cores in a torch.profiler run (README,
+    "Where a step's time goes"). A sparse gradient (one row per input token) is added
     into the existing dense .grad in place instead: the same sum, and the .grad buffers the meta step
     and the optimizer see stay dense. The trainer keeps every .grad allocated (zeroed, not freed), so
     the sparse gradient never becomes a .grad itself. Not done when the table is tied to another
