@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections import defaultdict
 
 import torch
@@ -88,13 +89,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--top", type=int, default=12, help="also print the top ops by self time")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    a.warmup_steps, a.repeat = a.warmup, 1
+    a.repeat = 1  # build_config sizes the schedule by (warmup + steps) * repeat
     results = {}
     for method in a.methods.split(","):
-        ns = argparse.Namespace(**{**vars(a), "steps": a.steps, "warmup": a.warmup})
-        cfg = build_config(ns, a.packing)
-        if a.compile:
-            cfg.compile = True
+        cfg = build_config(a, a.packing)  # reads a.compile too
         tr = RewardTrainer(cfg, log=lambda *x, **k: None)
 
         def step(s):
@@ -106,8 +104,6 @@ def main(argv=None) -> dict:
 
         for s in range(a.warmup):
             step(s)
-        import time
-
         ms = []
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
