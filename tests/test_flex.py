@@ -39,6 +39,7 @@ def test_flex_forward_matches_blockwise(share_prompt):
     blockwise = build_tiny_llama(64, 0, layers=2, hidden=64, attn=register_blockwise_sdpa()).eval()
     flex = build_tiny_llama(64, 0, layers=2, hidden=64, attn="flex_attention").eval()
     flex.load_state_dict(blockwise.state_dict())
+    assert flex.config._attn_implementation == "flex_attention"
     groups = _groups()
     with torch.no_grad():
         ref = compute_rewards_packed(blockwise, pack(groups, share_prompt, dense_mask=False))
