@@ -1,8 +1,8 @@
 """--compile: the compiled model's rewards and MetaRM gradients against the plain model's.
 
-Cost: this file took 22 s of CPU (user time, 1 thread, cold inductor cache; a few seconds warm), nearly all of it inductor
-compiling one tiny model's norm and MLP modules (it needs a C++ compiler); one compiled trainer
-serves all its checks.
+Cost: this file took 22 s of CPU (user time, 1 thread, cold inductor cache; a few seconds warm),
+nearly all of it inductor compiling one tiny model's norm and MLP modules (it needs a C++
+compiler); one compiled trainer serves all its checks.
 """
 from __future__ import annotations
 
