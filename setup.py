@@ -28,6 +28,7 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
+        "liger": ["liger-kernel>=0.5"],  # --liger (GPU only)
         "lora": ["peft>=0.13,<1"],
         "tensorboard": ["tensorboard>=2.14,<3"],
         "wandb": ["wandb>=0.17,<1"],

@@ -58,16 +58,20 @@ Derived units
                      MetaRM and copy count the meta pass and the L pass
   tokens padded    = tokens the step's batches would hold padded to their longest sequence (B * T_max
                      per pass): the yardstick that makes layouts comparable
-  FLOPs per step   = 6 * N * tokens computed, N = parameters without the input embedding (a lookup,
-                     no multiply-adds); attention's O(T^2) term and the meta step's element-wise
-                     perturb/restore are left out
-  MFU              = FLOPs per step / step time / peak FLOP/s of the device: from --peak-flops, else a
-                     small table (A100: bf16 312e12, tf32 156e12, fp32 19.5e12; H100 SXM: bf16 989e12,
-                     tf32 494.5e12, fp32 67e12; by the run's precision); unknown on a CPU.
+  FLOPs per step   = 6 * N * tokens computed + attention, N = parameters without the input embedding
+                     (a lookup, no multiply-adds); attention = 12 * heads * head_dim * layers * the
+                     (query, key) pairs the layout attends causally (padding and masked pairs are no
+                     model FLOPs); the meta step's element-wise perturb/restore are left out
+  MFU              = FLOPs per step / step time / peak FLOP/s (bench.peak): --peak-flops; on a GPU its
+                     datasheet's dense value for the run's precision (A100 bf16 312e12, tf32 156e12,
+                     fp32 19.5e12; H100/H200 SXM bf16 989e12, tf32 494.5e12, fp32 67e12); on the CPU
+                     torch.mm measured after the steps at the model's own linear shapes, with as many
+                     rows as a pass of the recommended layout (share-prompt) has tokens.
 
-Targets (issue 5, tiny Llama, fp32, HH-RLHF, 8 pairs a batch), each printed PASS/FAIL per packing mode:
-  vanilla pairs/s / TRL pairs/s >= 2.5;  MetaRM pairs/s / TRL pairs/s >= 1.25;
-  MetaRM step time / (J + L + opt alone) <= 1.05.
+Targets (issue 15, tiny Llama, fp32, HH-RLHF, 8 pairs a batch), each printed PASS/FAIL per packing mode:
+  vanilla pairs/s / TRL pairs/s >= 4.0;  MetaRM pairs/s / TRL pairs/s >= 2.0;
+  MetaRM step time / (J + L + opt alone) <= 1.05;  perturb + restore <= 2% of a MetaRM step;
+  share-prompt MetaRM MFU >= 45% (hidden < 1024), >= 70% (hidden >= 1024: matmuls dominate, as at 7B).
 
 Packing modes (`TrainConfig.packing`): a mode whose trainer cannot be built, whose step raises, or
 whose model still runs the padded token count is reported and left out (the run goes on with the rest).
@@ -93,6 +97,7 @@ from types import SimpleNamespace
 import torch
 
 from bench.memory import environment
+from bench.peak import datasheet_peak, measure_gemm_peak
 from metarm_fast.memory import step_peak_bytes as peak
 from metarm_fast.config import SYNTHETIC, TINY_MODEL, TrainConfig
 from metarm_fast.reference import copy_based_meta_step
@@ -101,16 +106,15 @@ from metarm_fast.trainer import RewardTrainer
 
 METHODS = ("vanilla", "metarm", "copy", "trl")
 PACKINGS = ("none", "pack", "share-prompt")
-# Dense peak FLOP/s by device name fragment and math mode (vendor data sheets).
-PEAK_FLOPS = {
-    "a100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
-    "h100": {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
-}
 TARGETS = {
-    "vanilla / TRL pairs/s": (">=", 2.5),
-    "MetaRM / TRL pairs/s": (">=", 1.25),
+    "vanilla / TRL pairs/s": (">=", 4.0),
+    "MetaRM / TRL pairs/s": (">=", 2.0),
     "MetaRM time / (J + L + opt)": ("<=", 1.05),
+    "meta machinery / MetaRM step": ("<=", 0.02),
+    # share-prompt MetaRM against the measured peak: 45% on the hidden-256 bench model, 70% from hidden 1024
+    "MetaRM MFU": (">=", 0.45),
 }
+MFU_TARGET_LARGE = 0.70  # hidden >= 1024: matmuls dominate, as at 7B
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -154,17 +158,41 @@ def flop_params(model) -> int:
     return sum(p.numel() for p in model.parameters()) - emb.numel()
 
 
-def peak_flops(precision: str, override: float | None) -> tuple[float | None, str]:
+def peak_flops(precision: str, override: float | None, config=None, tokens: int = 0) -> tuple[float | None, str]:
+    """The peak MFU is against: --peak-flops; a GPU's datasheet value; on the CPU a GEMM measured at the
+    model's own linear shapes and ``tokens`` rows (bench.peak)."""
     if override:
         return override, "--peak-flops"
-    if not torch.cuda.is_available():
-        return None, "unknown for the CPU (pass --peak-flops)"
-    name = torch.cuda.get_device_name().lower()
-    mode = "bf16" if precision.startswith("bf16") else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
-    for key, table in PEAK_FLOPS.items():
-        if key in name:
-            return table[mode], f"{key} {mode} table"
-    return None, f"unknown for {name} (pass --peak-flops)"
+    if torch.cuda.is_available():
+        return datasheet_peak(torch.cuda.get_device_name(), precision)
+    if config is None or tokens < 1:
+        return None, "unknown for the CPU (no model shapes to measure at)"
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    m = measure_gemm_peak(config, tokens, dtype)
+    return m["flops_per_s"], (f"measured: torch.mm at this model's linear shapes, {tokens} rows, "
+                              f"{m['dtype']}, {torch.get_num_threads()} threads = {m['flops_per_s'] / 1e9:.1f} GFLOP/s")
+
+
+def attention_pairs(groups, packing: str) -> int:
+    """(query, key) pairs a causal pass attends over `groups` in layout `packing`: L(L+1)/2 per sequence;
+    shared, a group's prompt once (P(P+1)/2) and each response r its prompt and itself (r*P + r(r+1)/2).
+    Padding and masked-out pairs are not counted: they are no model FLOPs."""
+    n = 0
+    for g in groups:
+        if packing == "share-prompt":
+            p = len(g[0].prompt_ids)
+            n += p * (p + 1) // 2 + sum(len(s.response_ids) * p + len(s.response_ids) * (len(s.response_ids) + 1) // 2
+                                        for s in g)
+        else:
+            n += sum(len(s) * (len(s) + 1) // 2 for s in g)
+    return n
+
+
+def attention_flops(pairs: int, config) -> float:
+    """fwd + bwd attention FLOPs of one pass: per layer and attended pair, QK^T and PV take 2 * d each per
+    head (4 * heads * head_dim forward), the backward twice that: 12 * heads * head_dim * pairs."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 12.0 * config.num_attention_heads * head_dim * config.num_hidden_layers * pairs
 
 
 class TokenCounter:
@@ -212,6 +240,11 @@ class Runner:
     def padded_tokens(self, i: int) -> int:
         seqs = [s for mb in self.batches[i] for p in mb for s in (p.chosen, p.rejected)]
         return self.passes * padded_tokens(seqs)
+
+    def attention_pairs(self, i: int) -> int:
+        """Attended (query, key) pairs of step i, all passes (the meta batch holds the step's own groups)."""
+        groups = [[p.chosen, p.rejected] for mb in self.batches[i] for p in mb]
+        return self.passes * attention_pairs(groups, self.packing)
 
     def real_tokens(self, i: int) -> int:
         return self.passes * sum(len(s) for mb in self.batches[i] for p in mb for s in (p.chosen, p.rejected))
@@ -502,6 +535,7 @@ def build_config(a, packing: str) -> TrainConfig:
         batch_size=a.batch,
         max_steps=(a.warmup + a.steps) * a.repeat,  # every repeat is an optimizer step: the schedule covers them
         seed=a.seed,
+        compile=getattr(a, "compile", False),
         progress=False,
         output_dir=tempfile.mkdtemp(prefix="bench-throughput-"),
     )
@@ -544,13 +578,14 @@ def full_environment(a, argv) -> dict:
     return env
 
 
-def make_row(r: Runner, nflop: int, peak_fl: float | None) -> dict:
+def make_row(r: Runner, nflop: int, peak_fl: float | None, config=None) -> dict:
     steps = r.steps
     pairs = sum(len(mb) for mb in r.batches[0])
     computed = r.computed
     padded = [r.padded_tokens(i) for i in steps]
     real = [r.real_tokens(i) for i in steps]
-    flops = [6 * nflop * n for n in computed]
+    flops = [6 * nflop * n + (attention_flops(r.attention_pairs(i), config) if config is not None else 0.0)
+             for n, i in zip(computed, steps)]
     row = {
         "method": r.name,
         "packing": r.packing,
@@ -583,7 +618,7 @@ def make_row(r: Runner, nflop: int, peak_fl: float | None) -> dict:
     return row
 
 
-def ratios(rows: list[dict], metarm_over_parts: dict) -> list[dict]:
+def ratios(rows: list[dict], metarm_over_parts: dict, hidden: int = 0) -> list[dict]:
     by = {(r["method"], r["packing"]): r for r in rows}
     trl = by.get(("trl", "none"))
     out = []
@@ -597,11 +632,22 @@ def ratios(rows: list[dict], metarm_over_parts: dict) -> list[dict]:
         if packing in metarm_over_parts:
             out.append(_target("MetaRM time / (J + L + opt)", packing, metarm_over_parts[packing]["median"],
                                f"per-batch ratio min {metarm_over_parts[packing]['min']:.3f}, max {metarm_over_parts[packing]['max']:.3f}"))
+        meta = by.get(("metarm", packing))
+        if meta is not None and "machinery_share" in meta:
+            s = meta["machinery_share"]
+            out.append(_target("meta machinery / MetaRM step", packing, s["median"],
+                               f"per-step min {s['min']:.3f}, max {s['max']:.3f}"))
+        if meta is not None and packing == "share-prompt":
+            bound = MFU_TARGET_LARGE if hidden >= 1024 else None
+            value = meta["mfu"]["median"] if meta["mfu"] else None
+            out.append(_target("MetaRM MFU", packing, value, "no peak FLOP/s" if value is None else
+                               f"against the peak below; hidden {hidden}", bound=bound))
     return out
 
 
-def _target(name: str, packing: str, value: float | None, note: str) -> dict:
-    op, bound = TARGETS[name]
+def _target(name: str, packing: str, value: float | None, note: str, bound: float | None = None) -> dict:
+    op, default = TARGETS[name]
+    bound = default if bound is None else bound
     if value is None:
         verdict = "n/a"
     else:
@@ -688,6 +734,7 @@ def main(argv=None) -> dict:
                     help="torch intra-op threads (default: torch's). On a shared CPU, 1 avoids OpenMP threads "
                          "waiting on a descheduled sibling, which can slow small steps 100x")
     ap.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of the device, for MFU")
+    ap.add_argument("--compile", action="store_true", help="our trainers with --compile (TrainConfig.compile); TRL as is")
     ap.add_argument("--out", help="write rows + environment here (.json or .csv)")
     ap.add_argument("--nproc", type=int, default=1, help="> 1: data-parallel pairs/s per rank (torchrun, gloo) against "
                                                          "one process, through the CLI (bench/nproc.py); --threads per process")
@@ -774,7 +821,6 @@ def run(a, argv, packings: list[str], methods: list[str]) -> dict:
             if not torch.equal(v, w):
                 raise RuntimeError(f"{r.label}: initial weights differ from the first runner's at {k}")
 
-    pf, peak_note = peak_flops(first.cfg.precision, a.peak_flops)
     nflop = flop_params(first.model.hf)
     nparams = sum(p.numel() for p in first.model.parameters())
     attn = ", ".join(dict.fromkeys(f"{r.label} {r.model.config._attn_implementation}" for r in runners
@@ -829,7 +875,14 @@ def run(a, argv, packings: list[str], methods: list[str]) -> dict:
             except Exception as e:  # noqa: BLE001
                 print(f"  peak memory of {r.label} failed: {type(e).__name__}: {e}")
 
-    rows = [make_row(r, nflop, pf) for r in live if r.times]
+    # The peak, measured after the steps on the same machine state, at the rows of a pass in the
+    # recommended layout (share-prompt when it ran, else the first mode): the GEMMs' own size.
+    ref_layout = "share-prompt" if "share-prompt" in packings else packings[0]
+    pass_tokens = statistics.median(layout_tokens([[p.chosen, p.rejected] for mb in batches[i] for p in mb], ref_layout)
+                                    for i in timed)
+    hf_config = first.model.hf.config
+    pf, peak_note = peak_flops(first.cfg.precision, a.peak_flops, hf_config, int(pass_tokens))
+    rows = [make_row(r, nflop, pf, hf_config) for r in live if r.times]
     metarm_over_parts = {}
     for packing in packings:
         meta = next((r for r in live if isinstance(r, MetaRunner) and r.packing == packing), None)
@@ -839,7 +892,7 @@ def run(a, argv, packings: list[str], methods: list[str]) -> dict:
     for row in rows:
         if row["method"] == "metarm" and row["packing"] in metarm_over_parts:
             row["metarm_over_parts"] = metarm_over_parts[row["packing"]]
-    targets = ratios(rows, metarm_over_parts)
+    targets = ratios(rows, metarm_over_parts, hf_config.hidden_size)
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     print()
     print_table(rows, targets, peak_note)

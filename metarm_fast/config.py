@@ -67,6 +67,8 @@ class TrainConfig:
     seed: int = _f(0, "seed for model init, data order and sampling; a CPU run repeats exactly, at any thread count")
     parallel: str = _f("auto", "with torchrun: fsdp (FSDP2: weights, gradients and optimizer states sharded across the ranks) or ddp (each rank the whole model); auto: fsdp when WORLD_SIZE > 1", ("auto", "none", "ddp", "fsdp"))
     threads: int = _f(0, "CPU threads for torch; 0: torch's default (OMP_NUM_THREADS if set), at most the usable cores")
+    compile: bool = _f(False, "torch.compile the model's RMSNorm and MLP modules (dynamic shapes); attention and the meta step stay eager")
+    liger: bool = _f(False, "GPU: Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in a Llama model (pip install -e .[liger])")
     # -- MetaRM ---------------------------------------------------------------------------------
     eta: float | None = _f(None, "meta step size (gradient ascent on J); default: equal to lr, as in the paper")
     meta_batch_size: int = _f(8, "prompts (each with its k responses) per meta batch, in all: with torchrun, split across the ranks")
@@ -130,6 +132,9 @@ class TrainConfig:
             raise ValueError(f"config: lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"config: lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_r and self.liger:
+            raise ValueError("config: --liger with --lora-r is not supported (Liger's fused SwiGLU reads the MLP's "
+                             "weights directly, past the adapters); drop one of them")
         if self.lora_r and self.precision == "bf16-master":
             raise ValueError("config: --lora-r with --precision bf16-master is not supported (the merged export would "
                              "come from the bf16 copy); use fp32, or bf16 for a bf16 base model")

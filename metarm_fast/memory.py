@@ -16,15 +16,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    """(key, bytes) of what a tensor holds: its storage; for a sparse COO tensor (the embedding's
+    gradient, see model.sparse_embedding_grad_), which has no storage of its own, its values' and
+    indices' (``_values``/``_indices``: the uncoalesced accessors torch's sparse docs give)."""
+    if t.layout == torch.sparse_coo:
+        v, i = t._values().untyped_storage(), t._indices().untyped_storage()
+        return v.data_ptr(), v.nbytes() + i.nbytes()
+    st = t.untyped_storage()
+    return st.data_ptr(), st.nbytes()
+
+
 def tensor_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
         if t is None:
             continue
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
+        key, nbytes = _storage(t)
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
     return total
 
 
@@ -45,15 +56,15 @@ class AllocationTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         # Outputs that share storage with an input (in-place ops, views) allocate nothing.
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {_storage(t)[0] for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                st = t.untyped_storage()
-                key = st.data_ptr()
+                key, nbytes = _storage(t)
                 if key and key not in self._live and key not in inputs:
-                    self._live[key] = st.nbytes()
-                    self.current += st.nbytes()
+                    self._live[key] = nbytes
+                    self.current += nbytes
                     self.peak = max(self.peak, self.current)
+                    st = t._values().untyped_storage() if t.layout == torch.sparse_coo else t.untyped_storage()
                     self._refs.append(weakref.ref(st, lambda _r, k=key: self._free(k)))
         return out
 

@@ -22,6 +22,9 @@ def copy_based_meta_grads(trainer, micro_batches, meta_groups) -> dict:
     shadow = copy.deepcopy(trainer.model)  # the full extra copy the in-place step avoids
     for p in shadow.parameters():
         p.grad = None
+    for m in shadow.modules():  # the plain algorithm: dense gradients (the trainer may make its embedding's sparse)
+        if isinstance(m, torch.nn.Embedding):
+            m.sparse = False
     meta = trainer.meta_batch(meta_groups)
     j = difference_loss(shadow(meta), meta.offsets, impl="torch")
     trainable = [p for p in shadow.parameters() if p.requires_grad]  # (LoRA: the adapters and the head)

@@ -141,3 +141,25 @@ def test_nproc_compares_ranks_with_one_process():
     (row,) = rows
     assert row["nproc"] == 2 and row["pairs_per_s_1proc"] > 0 and row["pairs_per_s_all_ranks"] > 0
     assert row["per_rank_over_1proc"] == pytest.approx(row["pairs_per_s_all_ranks"] / 2 / row["pairs_per_s_1proc"])
+
+
+def test_mfu_on_every_row_against_a_measured_peak(run):
+    result, _ = run
+    assert result["peak_flops"] > 0 and result["peak_flops_source"].startswith("measured")
+    for row in result["rows"]:
+        assert row["mfu"] is not None and 0 < row["mfu"]["median"] < 1.5, (row["method"], row["packing"], row["mfu"])
+    names = {t["target"] for t in result["targets"]}
+    assert {"meta machinery / MetaRM step", "MetaRM MFU"} <= names
+
+
+def test_attention_pairs_and_datasheet_peaks():
+    from bench.peak import datasheet_peak
+    from metarm_fast.data import EncodedSeq
+
+    # prompt of 2, responses of 1 and 3: shared 3 + (1*2 + 1) + (3*2 + 6) = 18; unshared 3*4/2 + 5*6/2 = 21
+    group = [[EncodedSeq([1, 2], [3]), EncodedSeq([1, 2], [4, 5, 6])]]
+    assert throughput.attention_pairs(group, "share-prompt") == 18
+    assert throughput.attention_pairs(group, "pack") == throughput.attention_pairs(group, "none") == 21
+    assert datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16")[0] == 312e12
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "bf16")[0] == 989e12
+    assert datasheet_peak("Tesla T4", "bf16")[0] is None

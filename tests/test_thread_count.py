@@ -23,6 +23,8 @@ def _same(a, b) -> bool:
         if isinstance(x, torch.Tensor):
             if x.shape != y.shape:
                 return False
+            if x.layout != torch.strided:  # the embedding's row-sparse gradient: compare what it adds up to
+                x, y = x.to_dense(), y.to_dense()
             if x.is_floating_point():
                 if not bool(((x == y) | (x.isnan() & y.isnan())).all()):
                     return False
@@ -49,6 +51,8 @@ class ThreadReplay(TorchDispatchMode):
 
         def copy(x):
             if isinstance(x, torch.Tensor):
+                if x.layout != torch.strided:  # sparse: no storage of its own, aliased by nothing here
+                    return copies.setdefault(("sparse", id(x)), x.clone())
                 key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
                 return copies.setdefault(key, x.clone())
             return x
