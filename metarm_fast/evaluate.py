@@ -91,12 +91,13 @@ def evaluate_checkpoint(model_dir: str, data: str, *, data_format=None, max_leng
     if not data.startswith("synthetic") and is_rewardbench(data, split):
         from metarm_fast.rewardbench import comparisons_from_records, report as rewardbench_report
 
-        comparisons = comparisons_from_records(read_records(data, split=split, max_records=max_records))
+        comparisons, skipped = comparisons_from_records(read_records(data, split=split, max_records=max_records),
+                                                        on_bad_record)
         model, tok = load_checkpoint(model_dir)
         rewards, truncated = score_groups(model, tok, [c.group for c in comparisons], settings["max_length"],
                                           batch_size, settings["chat_template"])
         out = rewardbench_report(comparisons, rewards)
-        out.update(truncated=truncated, data=data, model=model_dir,
+        out.update(truncated=truncated, skipped=dict(skipped), data=data, model=model_dir,
                    settings={k: v for k, v in used.items() if k in ("max_length", "chat_template")})
         return out
     cfg = TrainConfig(data_format=settings["data_format"], on_bad_record=on_bad_record, max_records=max_records,

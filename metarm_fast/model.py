@@ -167,7 +167,7 @@ def load_model(cfg: TrainConfig, tokenizer) -> nn.Module:
     else:
         model = _from_pretrained("--model", cfg.model, AutoModelForSequenceClassification.from_pretrained,
                                  num_labels=1, dtype=dtype, attn_implementation=attn)
-    if cfg.packing not in ("none", "auto") and _last_token_head(model) is None:
+    if cfg.packing != "none" and _last_token_head(model) is None:
         raise ValueError(f"model {cfg.model}: --packing {cfg.packing} needs a decoder reward model (a last-token "
                          "`score` head); encoders such as BERT pool [CLS] over the whole row: use --packing none")
     if model.config.num_labels != 1:

@@ -19,6 +19,7 @@ Subsets that no section lists are reported per subset and left out of the sectio
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from metarm_fast.data import DataError, MetaGroup
@@ -63,24 +64,34 @@ def _responses(value, loc: Loc, field: str) -> list[str]:
                     f"{type(value).__name__}", location=str(loc), field=field, reason="wrong-type field")
 
 
-def comparisons_from_records(records) -> list[Comparison]:
-    """``records``: (Loc, dict) items. Each needs prompt, chosen, rejected and subset."""
-    out = []
+def comparisons_from_records(records, on_bad_record: str = "error") -> tuple[list[Comparison], Counter]:
+    """``records``: (Loc, dict) items. Each needs prompt, chosen, rejected and subset. A bad record
+    raises its DataError, or with on_bad_record="skip" is counted by reason (returned beside)."""
+    out, skipped = [], Counter()
     for loc, rec in records:
-        for key in ("prompt", "chosen", "rejected", "subset"):
-            if key not in rec:
-                raise DataError(f"{loc}: missing field '{key}' (a RewardBench record has prompt, chosen, rejected "
-                                "and subset)", location=str(loc), field=key, reason="missing field")
-        subset = rec["subset"]
-        if not isinstance(subset, str) or not subset:
-            raise DataError(f"{loc}: field 'subset': expected a subset name, got {subset!r}", location=str(loc),
-                            field="subset", reason="wrong-type field")
-        chosen, rejected = _responses(rec["chosen"], loc, "chosen"), _responses(rec["rejected"], loc, "rejected")
-        group = MetaGroup(prompt_value(rec["prompt"], loc), tuple(chosen + rejected), str(loc))
-        out.append(Comparison(group, len(chosen), subset))
+        try:
+            out.append(_comparison(loc, rec))
+        except DataError as e:
+            if on_bad_record != "skip":
+                raise
+            skipped[e.reason] += 1
     if not out:
-        raise DataError("no RewardBench records", reason="no records")
-    return out
+        raise DataError(f"no usable RewardBench records (skipped: {dict(skipped)})", reason="no records")
+    return out, skipped
+
+
+def _comparison(loc: Loc, rec: dict) -> Comparison:
+    for key in ("prompt", "chosen", "rejected", "subset"):
+        if key not in rec:
+            raise DataError(f"{loc}: missing field '{key}' (a RewardBench record has prompt, chosen, rejected "
+                            "and subset)", location=str(loc), field=key, reason="missing field")
+    subset = rec["subset"]
+    if not isinstance(subset, str) or not subset:
+        raise DataError(f"{loc}: field 'subset': expected a subset name, got {subset!r}", location=str(loc),
+                        field="subset", reason="wrong-type field")
+    chosen, rejected = _responses(rec["chosen"], loc, "chosen"), _responses(rec["rejected"], loc, "rejected")
+    group = MetaGroup(prompt_value(rec["prompt"], loc), tuple(chosen + rejected), str(loc))
+    return Comparison(group, len(chosen), subset)
 
 
 def report(comparisons: list[Comparison], rewards: list[list[float]]) -> dict:

@@ -77,6 +77,8 @@ class Trackers:
             trackio.init(project="metarm-fast", name=run, config=config, resume="allow")
 
     def log(self, record: dict) -> None:
+        if not self.names:
+            return
         values, step = scalars(record), int(record["step"])
         if self._tb is not None:
             for k, v in values.items():

@@ -595,9 +595,7 @@ class RewardTrainer:
             state_dict.update({n.removeprefix("hf."): m.detach() for n, m in zip(self.param_names, self.masters)})
         if self.peft is not None:
             # The merged model (a plain checkpoint) in the folder, the adapter with its head beside it.
-            merged = merged_copy(self.peft)
-            merged.config.update({k: getattr(hf.config, k) for k in ("reward_mean", "reward_std", "reward_stats_from")
-                                  if hasattr(hf.config, k)})
+            merged = merged_copy(self.peft)  # a copy: its config holds the reward statistics set above
             merged.save_pretrained(tmp)
             self.peft.save_pretrained(os.path.join(tmp, ADAPTER_DIR))
             del merged

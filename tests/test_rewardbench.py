@@ -86,3 +86,7 @@ def test_rewardbench_bad_record_names_the_line_and_field(tmp_path, capsys, model
     assert main(["eval", "--model", model_dir, "--data", data]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:line 2" in err and "'chosen'" in err
+    # skipped on request, and counted
+    assert main(["eval", "--model", model_dir, "--data", data, "--on-bad-record", "skip"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["records"] == 1 and out["skipped"] == {"wrong-type field": 1}

@@ -106,9 +106,9 @@ def test_trackio_and_wandb_offline_get_the_metrics(tmp_path):
            "--tiny-hidden", "32", "--output-dir", str(out), "--no-progress", "--report-to", "trackio,wandb"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    read = ("from trackio.sqlite_storage import SQLiteStorage as S, json; import json; "
+    read = ("import json; from trackio.sqlite_storage import SQLiteStorage as S; "
             "print(json.dumps([(x['step'], x['train/loss']) for x in S.get_logs('metarm-fast', 'run')]))")
-    got = subprocess.run([sys.executable, "-c", read.replace("S, json", "S")], env=env, capture_output=True, text=True)
+    got = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True)
     assert got.returncode == 0, got.stderr[-2000:]
     want = [(rec["step"], rec["loss"]) for rec in _lines(out) if "step" in rec]
     assert [tuple(x) for x in json.loads(got.stdout)] == want
