@@ -64,7 +64,10 @@ class Trackers:
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR), purge_step=start_step or None)
+            # A resume from step s drops the events a crashed run wrote after s (tensorboard purges
+            # steps >= purge_step); step s itself was logged before its checkpoint and stays.
+            self._tb = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR),
+                                     purge_step=start_step + 1 if start_step else None)
         if "wandb" in names:
             import wandb
 

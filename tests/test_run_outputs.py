@@ -62,6 +62,27 @@ def test_tensorboard_events_hold_the_metrics(tmp_path):
     assert [e.step for e in acc.Scalars("eval/accuracy")] == [2, 4]
 
 
+def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path):
+    """A run logs steps 1-5 and crashes; its checkpoint is step 3; the resumed run logs 4-6. Steps 1-3
+    keep the first run's values, 4-6 the resumed run's, each once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from metarm_fast.tracking import Trackers
+
+    first = Trackers(["tensorboard"], str(tmp_path), {}, start_step=0)
+    for step in range(1, 6):
+        first.log({"step": step, "loss": float(step)})
+    first.close()
+    again = Trackers(["tensorboard"], str(tmp_path), {}, start_step=3)
+    for step in range(4, 7):
+        again.log({"step": step, "loss": 10.0 + step})
+    again.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0),
+                                                                     (5, 15.0), (6, 16.0)]
+
+
 def test_report_to_names_a_missing_backend_and_a_bad_value(tmp_path, monkeypatch):
     import importlib.util
 
