@@ -251,10 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metarm-fast {ns.command}{where}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
+        from metarm_fast.parallel import shutdown_distributed
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Run under torchrun by tests/test_parallel.py (not collected by pytest): the MetaRM step on every
-rank of a DDP run, checked from inside.
+rank of a DDP or FSDP2 run, checked from inside; or the CLI's main, after which the process group
+must be gone (its gloo threads joined) before the interpreter exits.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_driver.py OUT [--fail-on-rank R]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_driver.py --cli train ...
 """
 import argparse
+import glob
 import hashlib
 import os
 import sys
@@ -13,7 +16,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from metarm_fast import cli  # noqa: E402
 from metarm_fast.config import TrainConfig  # noqa: E402
+from metarm_fast.parallel import shutdown_distributed  # noqa: E402
 from metarm_fast.steps import j_pass, l_pass, zero_grads  # noqa: E402
 from metarm_fast.trainer import RewardTrainer  # noqa: E402
 
@@ -28,6 +33,18 @@ def digest(tensors) -> str:
     for t in tensors:
         h.update(local(t).detach().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (Linux names its threads in /proc)."""
+    names = [open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")]
+    return [n for n in names if "gloo" in n]
+
+
+def check_gloo_threads_gone(rank) -> None:
+    # A group still alive at exit can abort the process there (see shutdown_distributed).
+    left = gloo_threads()
+    assert not left, f"rank {rank}: the process group outlived the shutdown: {left} still run"
 
 
 def main():
@@ -69,8 +86,19 @@ def main():
     dist.barrier()
     if rank == 0:
         print(f"restore bitwise on every rank: ok ({a.parallel})")
-    dist.destroy_process_group()
+    del tr
+    shutdown_distributed()
+    check_gloo_threads_gone(rank)
+
+
+def main_cli(argv):
+    rank = os.environ.get("RANK")
+    rc = cli.main(argv)
+    check_gloo_threads_gone(rank)
+    return rc
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--cli"]:
+        sys.exit(main_cli(sys.argv[2:]))
     main()

@@ -18,8 +18,10 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 DRIVER = os.path.join(os.path.dirname(__file__), "parallel_driver.py")
 
 
-def _torchrun(args, nproc=2, module=True):
-    target = ["-m", "metarm_fast.cli"] if module else [DRIVER]
+def _torchrun(args, nproc=2, run="cli"):
+    # "cli": the CLI itself; "checked cli": its main under the driver, which then checks that the
+    # process group is gone before the interpreter exits; "driver": the driver's own steps
+    target = {"cli": ["-m", "metarm_fast.cli"], "checked cli": [DRIVER, "--cli"], "driver": [DRIVER]}[run]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            *target, *args], env=ENV, capture_output=True, text=True, timeout=300)
 
@@ -65,7 +67,7 @@ def runs(tmp_path_factory):
         one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
         r = _single([*BASE, *_one_process(extra), "--output-dir", str(one), "--overwrite"])
         assert r.returncode == 0, r.stderr
-        r = _torchrun([*BASE, *extra, "--output-dir", str(two), "--overwrite"])
+        r = _torchrun([*BASE, *extra, "--output-dir", str(two), "--overwrite"], run="checked cli")
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = (one, two)
     return out
@@ -87,7 +89,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(runs, setting):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_every_rank_perturbs_and_restores_the_same_bits(tmp_path, parallel):
-    r = _torchrun([str(tmp_path), "--parallel", parallel], module=False)
+    r = _torchrun([str(tmp_path), "--parallel", parallel], run="driver")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"restore bitwise on every rank: ok ({parallel})" in r.stdout
 
@@ -113,7 +115,7 @@ def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, runs, fir
 
 
 def test_a_rank_that_fails_ends_the_job_with_its_message(tmp_path):
-    r = _torchrun([str(tmp_path), "--fail-on-rank", "1"], module=False)
+    r = _torchrun([str(tmp_path), "--fail-on-rank", "1"], run="driver")
     assert r.returncode != 0
     assert "injected failure on rank 1" in r.stderr
 
