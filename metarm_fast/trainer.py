@@ -303,9 +303,12 @@ class RewardTrainer:
             global_pairs, global_groups = cfg.batch_size * len(micro_batches), cfg.meta_batch_size
         else:
             global_pairs, global_groups = sum(len(b) for b in micro_batches), len(meta_groups or ())
+        meta = self.meta_batch(meta_groups) if meta_groups is not None else None
+        # tokens the model runs over in this step, every pass (padding included: it is computed too)
+        tokens = sum(b.num_tokens for b in batches) + (meta.num_tokens if meta is not None else 0)
         try:
-            if meta_groups is not None:
-                m, stats = metarm_grads(self.model, self.meta, batches, self.meta_batch(meta_groups),
+            if meta is not None:
+                m, stats = metarm_grads(self.model, self.meta, batches, meta,
                                         center_coef=cfg.center_coef, second_order=cfg.second_order, info=self.dist,
                                         global_pairs=global_pairs, global_groups=global_groups)
                 self._warn_if_vanished(stats)
@@ -319,6 +322,7 @@ class RewardTrainer:
             return {"skipped": str(e)}
         m["grad_norm"] = self.optimizer_step()
         m["lr"] = self.scheduler.get_last_lr()[0]
+        m["tokens"] = tokens
         return m
 
     def optimizer_step(self) -> float:
@@ -491,11 +495,14 @@ class RewardTrainer:
                 while self.step < self.total_steps:
                     t0 = time.perf_counter()
                     m = self.train_step(*self.step_inputs(self.step))
-                    self.train_seconds += time.perf_counter() - t0
+                    seconds = time.perf_counter() - t0
+                    self.train_seconds += seconds
                     self.step += 1
                     self.pairs_done += m.get("pairs", 0)
                     rate = self.pairs_done / max(self.train_seconds, 1e-9)
-                    m.update(step=self.step, pairs_per_s=round(rate, 2))
+                    m.update(step=self.step, pairs_per_s=round(rate, 2), step_s=round(seconds, 6))
+                    if "tokens" in m:
+                        m["tokens_per_s"] = round(m["tokens"] / max(seconds, 1e-9), 1)
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and evaluates:
                         m["eval"] = self.evaluate()
                         postfix["eval_acc"] = f"{m['eval']['accuracy']:.3f}"

@@ -163,3 +163,10 @@ def test_attention_pairs_and_datasheet_peaks():
     assert datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16")[0] == 312e12
     assert datasheet_peak("NVIDIA H100 80GB HBM3", "bf16")[0] == 989e12
     assert datasheet_peak("Tesla T4", "bf16")[0] is None
+
+
+def test_sdpa_tiles_times_every_variant():
+    from bench.sdpa_tiles import main
+
+    (row,) = main(["--lengths", "16", "--reps", "1"])
+    assert row["T"] == 16 and all(row[k] > 0 for k in ("none", "is_causal", "full", "tril"))

@@ -36,6 +36,23 @@ def test_eval_every_logs_eval_metrics_and_keeps_the_best_model(tmp_path):
     assert AutoModelForSequenceClassification.from_pretrained(os.path.join(cfg.output_dir, "best")).config.reward_std > 0
 
 
+@pytest.mark.parametrize("method,packing", [("metarm", "share-prompt"), ("metarm", "none"), ("vanilla", "none")])
+def test_each_step_line_counts_the_tokens_its_passes_ran_over(tmp_path, method, packing):
+    cfg = tiny_config(tmp_path, max_steps=3, method=method, packing=packing)
+    RewardTrainer(cfg).train()
+    steps = [r for r in _lines(cfg.output_dir) if "step" in r]
+    # counted independently: the same steps' inputs (the sampler is a function of the step) laid out
+    # by a second trainer; pairs and meta groups, padding included
+    probe = RewardTrainer(tiny_config(tmp_path / "probe", method=method, packing=packing))
+    for r in steps:
+        micro, groups = probe.step_inputs(r["step"] - 1)
+        want = sum(probe.pair_batch(m).input_ids.numel() for m in micro)
+        if method == "metarm":
+            want += probe.meta_batch(groups).input_ids.numel()
+        assert r["tokens"] == want
+        assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_s"], rel=1e-3)
+
+
 def test_eval_every_needs_eval_pairs_and_keep_best_needs_eval_every(tmp_path):
     with pytest.raises(ValueError, match="keep_best needs eval_every"):
         tiny_config(tmp_path, keep_best=True).resolved()
