@@ -179,11 +179,11 @@ def shutdown_distributed() -> None:
 
     A process group that outlives ``destroy_process_group`` lives on into interpreter exit. There a
     gloo worker thread that releases a finished collective's tensors needs the GIL, which exit no
-    longer hands out, and the process aborts ("terminate called without an active exception"; 3
-    of 61 runs of tests/parallel_driver.py under DDP before this, none of 60 after). Two things keep it alive: a DDP
-    model in a reference cycle (the collect frees it), and FSDP2's device mesh, which DTensor's
-    sharding caches keep to exit (its references to the groups are dropped). With the last reference
-    gone, the group's threads are joined here."""
+    longer hands out, and the process aborts ("terminate called without an active exception"; 3 of
+    61 runs of tests/parallel_driver.py under DDP before this, none of 60 after). Two things keep
+    the group alive: a DDP model in a reference cycle (the collect frees it), and FSDP2's device
+    mesh, which DTensor's sharding caches keep to exit (its references to the groups are dropped).
+    With the last reference gone, the group's threads are joined here."""
     import gc
 
     gc.collect()
