@@ -21,7 +21,6 @@ prints each pair's CLI / bench ratios of step time and tokens per second with th
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import statistics
@@ -29,22 +28,15 @@ import subprocess
 import sys
 import tempfile
 
-HH_TURN = "\n\nAssistant:"
-
+from bench.hh_records import split_hh
 
 def write_inputs(src: str, n: int, folder: str) -> tuple[str, str]:
     pairs, meta = [], []
-    with gzip.open(src, "rt") if src.endswith(".gz") else open(src) as f:
-        for line in f:
-            rec = json.loads(line)
-            c, r = rec["chosen"], rec["rejected"]
-            cut = c.rfind(HH_TURN) + len(HH_TURN)
-            if cut < len(HH_TURN) or r[:cut] != c[:cut] or not c[cut:].strip() or not r[cut:].strip():
-                continue  # no shared prompt to split off, or an empty response (the CLI refuses those)
-            pairs.append(rec)
-            meta.append({"prompt": c[:cut], "responses": [c[cut:], r[cut:]]})
-            if len(pairs) == n:
-                break
+    for rec, prompt, chosen, rejected in split_hh(src):
+        pairs.append(rec)
+        meta.append({"prompt": prompt, "responses": [chosen, rejected]})
+        if len(pairs) == n:
+            break
     p, m = os.path.join(folder, "pairs.jsonl"), os.path.join(folder, "meta.jsonl")
     for path, rows in ((p, pairs), (m, meta)):
         with open(path, "w") as f:

@@ -20,17 +20,17 @@ differences. The JSON in --out holds every seed's numbers and the environment.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
+from bench.hh_records import split_hh
 from bench.shift import git_commit
 from bench.shift_stats import bootstrap_mean, excludes_zero, fmt
 
-TURN_H, TURN_A = "\n\nHuman:", "\n\nAssistant:"
+TURN_H = "\n\nHuman:"
 SINGLE_HELD_OUT = 100
 METRICS = [("single_acc", "single-turn acc (held out)"), ("multi_acc", "multi-turn acc (shifted)"),
            ("meta_gap", "meta-set reward gap")]
@@ -39,15 +39,9 @@ METRICS = [("single_acc", "single-turn acc (held out)"), ("multi_acc", "multi-tu
 def split_records(path: str) -> dict[str, list[dict]]:
     """Single-turn and multi-turn pairs with a shared prompt and two non-empty responses."""
     out: dict[str, list[dict]] = {"single": [], "multi": []}
-    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            c, r = rec["chosen"], rec["rejected"]
-            cut = c.rfind(TURN_A) + len(TURN_A)
-            if cut < len(TURN_A) or r[:cut] != c[:cut] or not c[cut:].strip() or not r[cut:].strip():
-                continue  # records the loader would skip: no shared prompt, or an empty response
-            kind = "single" if c[:cut].count(TURN_H) == 1 else "multi"
-            out[kind].append({"prompt": c[:cut], "chosen": c[cut:], "rejected": r[cut:]})
+    for _, prompt, chosen, rejected in split_hh(path):
+        kind = "single" if prompt.count(TURN_H) == 1 else "multi"
+        out[kind].append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return out
 
 

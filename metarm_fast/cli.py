@@ -10,6 +10,7 @@ import types
 import typing
 
 from metarm_fast.config import TrainConfig, config_fields
+from metarm_fast.tracking import TENSORBOARD_DIR, parse_report_to
 
 
 def _flag_type(f: dataclasses.Field):
@@ -122,8 +123,8 @@ def _print_summary(trainer, summary: dict) -> None:
         rows.append(("training curves", summary["training_curves"]))
     if "best" in summary:
         rows.append(("best model", f"{summary['best']['path']} (eval accuracy {summary['best']['eval_accuracy']:.3f})"))
-    if "tensorboard" in cfg.report_to:
-        rows.append(("tensorboard", f"tensorboard --logdir {os.path.join(cfg.output_dir, 'tensorboard')}"))
+    if "tensorboard" in parse_report_to(cfg.report_to):
+        rows.append(("tensorboard", f"tensorboard --logdir {os.path.join(cfg.output_dir, TENSORBOARD_DIR)}"))
     width = max(len(r[0]) for r in rows)
     print()
     for k, v in rows:

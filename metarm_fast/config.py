@@ -118,9 +118,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "meta_batch_size", "meta_k", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every",):
-            if getattr(self, name) < 0:
-                raise ValueError(f"config: {name} must be >= 0 (0: off), got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"config: eval_every must be >= 0 (0: off), got {self.eval_every}")
         from metarm_fast.tracking import parse_report_to
 
         parse_report_to(self.report_to)

@@ -92,7 +92,7 @@ def evaluate_checkpoint(model_dir: str, data: str, *, data_format=None, max_leng
         from metarm_fast.rewardbench import comparisons_from_records, report as rewardbench_report
 
         comparisons, skipped = comparisons_from_records(read_records(data, split=split, max_records=max_records),
-                                                        on_bad_record)
+                                                        on_bad_record, source=data)
         model, tok = load_checkpoint(model_dir)
         rewards, truncated = score_groups(model, tok, [c.group for c in comparisons], settings["max_length"],
                                           batch_size, settings["chat_template"])

@@ -26,10 +26,7 @@ def choose_attention(cfg: TrainConfig) -> str:
     on a GPU, where flex runs every block in one kernel and skips the masked tiles; SDPA when padded.
     `--attn-implementation blockwise` names the block-wise backend explicitly.
     """
-    if cfg.packing == "auto":
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, packing=choose_packing(cfg)[0])
+    cfg = with_packing_resolved(cfg)
     from metarm_fast.packing import register_blockwise_sdpa
 
     impl = cfg.attn_implementation
@@ -80,6 +77,15 @@ def choose_packing(cfg: TrainConfig) -> tuple[str, str]:
     if _last_token_head(skeleton) is not None:
         return "share-prompt", "auto: decoder model"
     return "none", "auto: encoder model, which pools over the whole row"
+
+
+def with_packing_resolved(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``--packing auto`` replaced by ``choose_packing``'s layout (itself otherwise)."""
+    if cfg.packing != "auto":
+        return cfg
+    import dataclasses
+
+    return dataclasses.replace(cfg, packing=choose_packing(cfg)[0])
 
 
 def has_flex_attention() -> bool:
@@ -154,10 +160,7 @@ def load_model(cfg: TrainConfig, tokenizer) -> nn.Module:
     """The reward model in the precision the config asks for (bf16-master: bf16 here, masters kept by the trainer)."""
     from transformers import AutoModelForSequenceClassification
 
-    if cfg.packing == "auto":
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, packing=choose_packing(cfg)[0])
+    cfg = with_packing_resolved(cfg)
     dtype = _DTYPES[cfg.precision]
     attn = choose_attention(cfg)
     if cfg.model == TINY_MODEL:

@@ -1,4 +1,4 @@
-"""RewardBench-style reports for `metarm-fast eval --report rewardbench`.
+"""RewardBench-style reports: what `metarm-fast eval` gives for records with a `subset` field.
 
 Records: {"prompt": str | messages, "chosen": str | [str, ...], "rejected": str | [str, ...],
 "subset": str, "id": ...}. RewardBench 1 (allenai/reward-bench) has one chosen and one rejected
@@ -64,9 +64,10 @@ def _responses(value, loc: Loc, field: str) -> list[str]:
                     f"{type(value).__name__}", location=str(loc), field=field, reason="wrong-type field")
 
 
-def comparisons_from_records(records, on_bad_record: str = "error") -> tuple[list[Comparison], Counter]:
-    """``records``: (Loc, dict) items. Each needs prompt, chosen, rejected and subset. A bad record
-    raises its DataError, or with on_bad_record="skip" is counted by reason (returned beside)."""
+def comparisons_from_records(records, on_bad_record: str = "error", source: str = "the records"
+                             ) -> tuple[list[Comparison], Counter]:
+    """``records``: (Loc, dict) items of ``source``. Each needs prompt, chosen, rejected and subset. A bad
+    record raises its DataError, or with on_bad_record="skip" is counted by reason (returned beside)."""
     out, skipped = [], Counter()
     for loc, rec in records:
         try:
@@ -76,7 +77,8 @@ def comparisons_from_records(records, on_bad_record: str = "error") -> tuple[lis
                 raise
             skipped[e.reason] += 1
     if not out:
-        raise DataError(f"no usable RewardBench records (skipped: {dict(skipped)})", reason="no records")
+        raise DataError(f"{source}: no usable RewardBench records (skipped: {dict(skipped)})", location=source,
+                        reason="no records")
     return out, skipped
 
 

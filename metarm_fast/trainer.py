@@ -532,11 +532,11 @@ class RewardTrainer:
                     if stopping:
                         bar.close()
                         metrics.close()
-                        trackers.close()
                         return {"interrupted": stop.requested or "a signal on another rank", "steps": self.step,
                                 "checkpoint": ckpt.step_dir(root, self.step)}
         finally:
             bar.close()
+            trackers.close()  # once, on any exit from the loop
         if saved_at != self.step:
             ckpt.save_checkpoint(root, self.step, self.state_dict(), cfg.keep_last, info=self.dist)
         summary = {"steps": self.step, "train_time_s": round(self.train_seconds, 2),
@@ -567,7 +567,6 @@ class RewardTrainer:
                                                               os.path.join(cfg.output_dir, TRAINING_CURVES))
             if cfg.keep_best and self.best_eval_accuracy >= 0:
                 summary["best"] = {"path": os.path.join(cfg.output_dir, BEST), "eval_accuracy": self.best_eval_accuracy}
-        trackers.close()
         full = full_state_dict(self.rm) if self.fsdp else None  # gathered by every rank
         if main:
             metrics.write(json.dumps({"final": summary}) + "\n")

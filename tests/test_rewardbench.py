@@ -90,3 +90,10 @@ def test_rewardbench_bad_record_names_the_line_and_field(tmp_path, capsys, model
     assert main(["eval", "--model", model_dir, "--data", data, "--on-bad-record", "skip"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["records"] == 1 and out["skipped"] == {"wrong-type field": 1}
+
+
+def test_rewardbench_file_with_no_usable_record_is_named(tmp_path, capsys, model_dir):
+    data = _write(tmp_path / "allbad.jsonl", [{"prompt": "w01", "chosen": [], "rejected": "w03", "subset": "x"}])
+    assert main(["eval", "--model", model_dir, "--data", data, "--on-bad-record", "skip"]) == 2
+    err = capsys.readouterr().err
+    assert "allbad.jsonl: no usable RewardBench records" in err and "wrong-type field" in err
