@@ -1,8 +1,8 @@
 """metarm-fast: a MetaRM reward-model trainer with fused Triton kernels.
 
-`kernels/` sits at the top level of the repository (the design card) but is installed as
-`metarm_fast.kernels`: a top-level module called `kernels` would shadow Hugging Face's own
-`kernels` package, which transformers imports.
+The kernels live in `metarm_fast/kernels/`, not at the repository root: a top-level folder called
+`kernels` shadows Hugging Face's own `kernels` package (which transformers imports) whenever Python
+starts in the repository root.
 """
 from setuptools import setup
 
@@ -12,7 +12,6 @@ setup(
     description="Fast, trustworthy MetaRM reward-model training (Dou et al., AAAI 2025)",
     python_requires=">=3.10",
     packages=["metarm_fast", "metarm_fast.data", "metarm_fast.kernels"],
-    package_dir={"metarm_fast": "metarm_fast", "metarm_fast.kernels": "kernels"},
     # torch is a range on purpose: an installed (GPU) torch that satisfies it is left alone.
     # On a machine with none, `make` installs the CPU build first (see Makefile).
     install_requires=[

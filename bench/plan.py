@@ -14,7 +14,7 @@ combination it recommends for one GPU: the fastest MetaRM step that fits.
 Precision on the GPU is the paper's bf16 mixed precision as the trainer implements it
 (`--precision bf16-master`): bf16 compute weights and gradients, fp32 master weights, optimizer
 states on the masters. (Pure bf16 has no master, and there the meta step's perturbation vanishes in
-rounding: tests/kernels/test_perturb.py measures it.)
+rounding: tests/kernel_tests/test_perturb.py measures it.)
 
 Memory (GB = 1e9 bytes), N = parameters of the reward model
 ------------------------------------------------------------

@@ -12,7 +12,7 @@ What is not, and why:
   eager (on a GPU FlexAttention compiles the attention itself, see ``model.choose_attention``).
 - the whole model in one graph: transformers' mask and position code and the packed layout's
   ``.tolist()`` calls break the graph anyway, and the rest is what is compiled here.
-- the meta step: ``kernels/perturb*.py`` and ``metarm_fast/meta_step.py`` are never compiled (the
+- the meta step: ``metarm_fast/kernels/perturb*.py`` and ``metarm_fast/meta_step.py`` are never compiled (the
   perturbation's exactness argument is about eager IEEE arithmetic; no relaxed float flags touch
   it). The compiled modules read the weights as graph inputs on every call, so they see theta'
   after the in-place perturbation and theta after the bitwise restore (tests/test_compile.py).

@@ -39,7 +39,7 @@ def test_meta_step_matches_copy_based_algorithm_1_on_the_trainable_weights(tmp_p
     meta_grads(tr, micro, groups)
     # measured here: 7.5e-9 max abs; the fp32 meta-step tolerance of tests/test_meta_step.py (2.5e-7).
     # (At eta 1e-2 a few weights that eta * grad J carries across zero cannot be restored bitwise and are
-    # left unperturbed by design, see kernels/perturb_spec.py: 1.7e-4 apart there.)
+    # left unperturbed by design, see metarm_fast/kernels/perturb_spec.py: 1.7e-4 apart there.)
     for p, g in zip(tr.params, ref["grads"]):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=2.5e-7)
     for a, b in zip(theta, tr.params):  # restored bitwise

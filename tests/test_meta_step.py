@@ -194,7 +194,7 @@ def test_second_order_matches_torch_func(tmp_path):
     from torch.func import functional_call, grad
 
     # Large enough that the second-order term (~3e-4 here) is far above the tolerance, small enough
-    # that every element's step can be undone exactly (see kernels/perturb.py).
+    # that every element's step can be undone exactly (see metarm_fast/kernels/perturb.py).
     eta = 1e-3
     cfg = tiny_config(tmp_path, method="metarm", eta=eta, second_order=True, attn_implementation="eager", max_steps=1)
     tr = RewardTrainer(cfg)

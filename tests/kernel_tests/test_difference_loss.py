@@ -11,8 +11,8 @@ from metarm_fast.kernels.difference_loss import (
     _difference_loss_fwd_bwd_kernel,
     difference_loss_fwd_bwd,
 )
-from tests.kernels.gpu_compile import compile_for_sm80
-from tests.kernels.tolerances import (
+from tests.kernel_tests.gpu_compile import compile_for_sm80
+from tests.kernel_tests.tolerances import (
     DTYPES,
     GRAD_RTOL,
     LOSS_RTOL,
@@ -21,7 +21,7 @@ from tests.kernels.tolerances import (
 )
 
 # The Triton path is exercised on CPU tensors under the interpreter, which tests/conftest.py turns
-# on when there is no GPU. On a GPU machine run `TRITON_INTERPRET=1 pytest tests/kernels`.
+# on when there is no GPU. On a GPU machine run `TRITON_INTERPRET=1 pytest tests/kernel_tests`.
 pytestmark = pytest.mark.skipif(
     not is_interpreted(_difference_loss_fwd_bwd_kernel),
     reason="kernel tests need TRITON_INTERPRET=1 (set by tests/conftest.py when there is no GPU)",

@@ -49,7 +49,7 @@ Statistics (both cases, over all elements): numel; changed = count(ok), i.e. ele
 forward-visible weight changed; realised_sq = sum (p_after - p_before)^2 (differences taken in
 fp64, where they are exact); intended_sq = sum e^2 over finite e (fp64); nonfinite = count(e not
 finite). With weights ~N(0, 0.02^2), grads ~N(0, 0.01^2) and eta = 5e-6, case A changes ~0.06%
-of bf16 weights and ~99% of fp32 weights (tests/kernels/test_perturb.py measures both): the stats
+of bf16 weights and ~99% of fp32 weights (tests/kernel_tests/test_perturb.py measures both): the stats
 are how a trainer notices a vanished step.
 
 Limits. NaN: a NaN weight is never perturbed and keeps its bits in case A; in case B a NaN master

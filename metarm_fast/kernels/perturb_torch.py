@@ -160,7 +160,7 @@ def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatch
         # with z of p's sign would need s in (p, 2p)), so p + z and its rounding error r are multiples
         # of p's ulp; r != 0 would make p + r, and so back = round(new - z) = round(p + r), differ
         # from p, and ok is false. With subnormals this holds unchanged (gradual underflow).
-        # tests/kernels/test_perturb.py checks it on random bit patterns.
+        # tests/kernel_tests/test_perturb.py checks it on random bit patterns.
         torch.where(ok, new, param, out=param)
         torch.where(ok, z, torch.zeros((), dtype=z.dtype, device=z.device), out=grad)
         return int(ok.sum()), nonfinite, isq, sum_of_squares_(grad.double().view(-1)), True

@@ -7,8 +7,8 @@ import torch
 from metarm_fast.kernels import bt_loss, bt_loss_reference
 from metarm_fast.kernels._dispatch import check_triton_device, is_interpreted
 from metarm_fast.kernels.bt_loss import BTLossFunction, _bt_loss_fwd_bwd_kernel, bt_loss_fwd_bwd
-from tests.kernels.gpu_compile import compile_for_sm80
-from tests.kernels.tolerances import (
+from tests.kernel_tests.gpu_compile import compile_for_sm80
+from tests.kernel_tests.tolerances import (
     DTYPES,
     GRAD_RTOL,
     LOSS_RTOL,
@@ -17,7 +17,7 @@ from tests.kernels.tolerances import (
 )
 
 # The Triton path is exercised on CPU tensors under the interpreter, which tests/conftest.py turns
-# on when there is no GPU. On a GPU machine run `TRITON_INTERPRET=1 pytest tests/kernels`.
+# on when there is no GPU. On a GPU machine run `TRITON_INTERPRET=1 pytest tests/kernel_tests`.
 pytestmark = pytest.mark.skipif(
     not is_interpreted(_bt_loss_fwd_bwd_kernel),
     reason="kernel tests need TRITON_INTERPRET=1 (set by tests/conftest.py when there is no GPU)",

@@ -16,12 +16,12 @@ from metarm_fast.kernels import (
 )
 from metarm_fast.kernels._dispatch import is_interpreted
 from metarm_fast.kernels.perturb_triton import CHUNK, _perturb_kernel, perturb_triton_, restore_triton_
-from tests.kernels.gpu_compile import compile_for_sm80
+from tests.kernel_tests.gpu_compile import compile_for_sm80
 
 # The interpreter evaluates kernels with numpy, which warns when the special values below
 # overflow or produce NaN inside a where() branch that is then discarded. Expected; not a bug.
 # The Triton path is exercised on CPU tensors under the interpreter, which tests/conftest.py turns
-# on when there is no GPU. On a GPU machine run `TRITON_INTERPRET=1 pytest tests/kernels`.
+# on when there is no GPU. On a GPU machine run `TRITON_INTERPRET=1 pytest tests/kernel_tests`.
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
