@@ -250,7 +250,7 @@ def sparse_embedding_grad_(model: nn.Module) -> bool:
     Why: the embedding's dense backward allocates a zeroed vocab x hidden tensor every pass and then
     adds all of it into .grad. On the bench's tiny Llama (30522 x 256, 31 MB, 77% of the weights) the
     vocab-sized fills of one MetaRM step (these zeros for the J and the L pass, the zeroing of .grad,
-    the restore's) took 46.6 ms of a ~400 ms step on 2 CPU cores in a torch.profiler run (README,
+    the restore's) took 46.6 ms of a ~400 ms step on 2 CPU cores in a torch.profiler run (docs/performance.md,
     "Where a step's time goes"). A sparse gradient (one row per input token) is added
     into the existing dense .grad in place instead: the same sum, and the .grad buffers the meta step
     and the optimizer see stay dense. The trainer keeps every .grad allocated (zeroed, not freed), so

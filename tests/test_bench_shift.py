@@ -1,5 +1,5 @@
-"""bench.shift --quick end to end: it runs, and its JSON and figure have the structure the README's
-table and figure are made from. Numbers are not checked: the quick settings are too small to mean anything."""
+"""bench.shift --quick end to end: it runs, and its JSON and figure have the structure the
+table and figure of docs/experiments.md are made from. Numbers are not checked: the quick settings are too small to mean anything."""
 from __future__ import annotations
 
 import json
