@@ -49,15 +49,14 @@ def main(argv=None) -> dict:
     tr = RewardTrainer(cfg, log=lambda *x: None)
     for s in range(2):
         tr.train_step(*tr.step_inputs(s))
-        tr.step += 1
     root = os.path.join(work, "checkpoints")
     writes, reads = [], []
     for i in range(a.repeats):
         t0 = time.perf_counter()
-        path = ckpt.save_checkpoint(root, i + 1, tr.state_dict(), keep_last=1)
+        path = ckpt.save_checkpoint(root, i + 1, tr.checkpointer.state_dict(), keep_last=1)
         writes.append(time.perf_counter() - t0)
     with AllocationTracker() as track:
-        ckpt.save_checkpoint(root, a.repeats + 1, tr.state_dict(), keep_last=1)
+        ckpt.save_checkpoint(root, a.repeats + 1, tr.checkpointer.state_dict(), keep_last=1)
     path = ckpt.latest_checkpoint(root)
     disk = _dir_bytes(path)
     for _ in range(a.repeats):
@@ -65,7 +64,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         fresh.load_state_dict_from(path)
         reads.append(time.perf_counter() - t0)
-    n = sum(p.numel() for p in tr.params)
+    n = sum(p.numel() for p in tr.weights.params)
     per_param = disk / n
     write_s = statistics.median(writes)
     result = {

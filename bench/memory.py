@@ -53,11 +53,14 @@ def main(argv=None) -> dict:
         activation_checkpointing=a.activation_checkpointing, output_dir=tempfile.mkdtemp(), lora_r=a.lora_r,
     )
     tr = RewardTrainer(cfg)
-    peaks = compare_step_peaks(tr)
+    micro, _ = tr.step_inputs(0)
+    groups = [[it.chosen, it.rejected] for it in micro[0]]  # the meta batch: the pairs' own prompts, 2 per group
+    peaks = compare_step_peaks(tr.weights, tr.optimizer, tr.batcher, micro, groups, eta=tr.cfg.eta,
+                               vanilla_step=lambda: tr.train_step(micro), meta_step=lambda: tr.train_step(micro, groups))
     param_bytes, vanilla, meta, copy_based = (peaks[k] for k in ("param_bytes", "vanilla", "metarm", "copy_based"))
     mb = 1 / 2**20
     result = {
-        "params": sum(p.numel() for p in tr.params),  # trainable ones (LoRA: adapters and head)
+        "params": sum(p.numel() for p in tr.weights.params),  # trainable ones (LoRA: adapters and head)
         "all_params": sum(p.numel() for p in tr.rm.parameters()),
         "param_MB": round(param_bytes * mb, 3),
         "vanilla_peak_MB": round(vanilla * mb, 3),

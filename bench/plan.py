@@ -604,22 +604,23 @@ def validate(hidden: int = 256, layers: int = 4, batch: int = 8, max_length: int
         mc = tr.model.config
         shape = Shape("tiny-llama", mc.hidden_size, mc.num_hidden_layers, mc.num_attention_heads,
                       mc.num_key_value_heads, mc.intermediate_size, tr.model.hf.get_input_embeddings().num_embeddings)
-        counted = sum(p.numel() for p in tr.params)
+        counted = sum(p.numel() for p in tr.weights.params)
         if counted != shape.counted_params():
             raise AssertionError(f"parameter count of the shape ({shape.counted_params()}) != the model's ({counted})")
         cpu_sdpa_repeats = mc.num_key_value_heads < mc.num_attention_heads
-        geos = {"pairs": geometry_of(tr.pair_batch(micro[0]), cpu_sdpa_repeats),
-                "meta": geometry_of(tr.meta_batch(groups), cpu_sdpa_repeats)}
+        geos = {"pairs": geometry_of(tr.batcher.pairs(micro[0]), cpu_sdpa_repeats),
+                "meta": geometry_of(tr.batcher.groups(groups), cpu_sdpa_repeats)}
         measured = {}
-        measured["vanilla"] = peak(tr, lambda: tr.train_step(micro))
-        measured["metarm"] = peak(tr, lambda: tr.train_step(micro, groups))
+        measured["vanilla"] = peak(tr.weights, tr.optimizer, lambda: tr.train_step(micro))
+        measured["metarm"] = peak(tr.weights, tr.optimizer, lambda: tr.train_step(micro, groups))
         if name == "fp32":
-            measured["copy-based"] = peak(tr, lambda: copy_based_meta_step(tr, micro, groups))
-        sb = standing_bytes(tr)
+            measured["copy-based"] = peak(tr.weights, tr.optimizer, lambda: copy_based_meta_step(
+                tr.model, tr.weights, tr.optimizer, tr.batcher, micro, groups, eta=cfg.eta))
+        sb = standing_bytes(tr.weights, tr.optimizer)
         for step, m in measured.items():
             pr = predict_cpu(shape, precision, ckpt, geos, step)
             rows.append({
-                "check": name, "step": step, "params": counted, "batch_shape": list(tr.pair_batch(micro[0]).input_ids.shape),
+                "check": name, "step": step, "params": counted, "batch_shape": list(tr.batcher.pairs(micro[0]).input_ids.shape),
                 "measured_MiB": m / MIB, "predicted_MiB": pr["peak"] / MIB, "error": pr["peak"] / m - 1,
                 "standing_measured_MiB": sb / MIB, "standing_predicted_MiB": pr["standing"] / MIB,
                 "activations_predicted_MiB": pr["activations"] / MIB, "working_predicted_MiB": pr["working"] / MIB,

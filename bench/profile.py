@@ -99,7 +99,6 @@ def main(argv=None) -> dict:
             micro, _ = tr.step_inputs(s)
             groups = [[p.chosen, p.rejected] for mb in micro for p in mb] if method == "metarm" else None
             m = tr.train_step(micro, groups)
-            tr.step += 1
             return m
 
         for s in range(a.warmup):

@@ -70,6 +70,7 @@ from metarm_fast.config import TINY_MODEL, TrainConfig
 from metarm_fast.synthetic import SyntheticTask
 from metarm_fast.synthetic_policy import WordPolicy, policy_groups, policy_pairs, prompt_mask, sample_prompts
 from metarm_fast.threads import set_threads
+from metarm_fast.train_data import encode_pairs
 from metarm_fast.trainer import RewardTrainer
 
 
@@ -208,9 +209,9 @@ def run_seed(s: Settings, seed: int, work: str, threads: int, log) -> tuple[dict
             with torch.no_grad():
                 current_true = float(current[name].expected_score(task, prompt_mask(curve_prompts)).mean())
             rows[name].append({
-                "acc_current": trainer.evaluate(trainer.encode_pairs(evals))["accuracy"],
+                "acc_current": trainer.evaluate(encode_pairs(trainer.encoder, evals))["accuracy"],
                 # A policy that ties on every prompt gives no pairs: chance, and pairs_optimised says 0.
-                "acc_optimised": trainer.evaluate(trainer.encode_pairs(opt_pairs))["accuracy"] if opt_pairs else 0.5,
+                "acc_optimised": trainer.evaluate(encode_pairs(trainer.encoder, opt_pairs))["accuracy"] if opt_pairs else 0.5,
                 "gap_current": float(own.mean()),
                 "gap_common": float(common.mean()),
                 "pg_true": curve[-1]["true"],

@@ -42,7 +42,7 @@ class RewardScorer:
         tr.rm.eval()
         out = []
         for i in range(0, len(encoded), self.batch_groups):
-            out.append(tr.rm(tr.meta_batch(encoded[i:i + self.batch_groups])).cpu())
+            out.append(tr.rm(tr.batcher.groups(encoded[i:i + self.batch_groups])).cpu())
         tr.rm.train()
         return torch.cat(out).view(len(prompts), -1)
 

@@ -104,3 +104,30 @@ def meta_batch(groups: list[list[EncodedSeq]], layout: str, pad_id, *, padding_s
         sizes = torch.tensor([len(g) for g in groups])
         b.offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
     return b
+
+
+class Batcher:
+    """The one owner of a run's batch layout: pairs and meta groups become ``RewardBatch``es in the
+    configured layout, with the mask the model asks for, on the run's device."""
+
+    def __init__(self, layout: str, pad_id, *, padding_side: str = "right", dense_mask: bool = True, device="cpu"):
+        self.layout, self.pad_id, self.padding_side = layout, pad_id, padding_side
+        self.dense_mask, self.device = dense_mask, torch.device(device)
+
+    @classmethod
+    def for_model(cls, rm, cfg, pad_id, device) -> "Batcher":
+        """``rm``: a ``RewardModel``, which says whether its attention needs a dense packed mask."""
+        return cls(cfg.packing, pad_id, padding_side=cfg.padding_side, dense_mask=rm.needs_dense_mask, device=device)
+
+    def pairs(self, items: list[EncodedPair]) -> RewardBatch:
+        return pair_batch(items, self.layout, self.pad_id, padding_side=self.padding_side,
+                          dense_mask=self.dense_mask).to(self.device)
+
+    def groups(self, groups: list[list[EncodedSeq]]) -> RewardBatch:
+        return meta_batch(groups, self.layout, self.pad_id, padding_side=self.padding_side,
+                          dense_mask=self.dense_mask).to(self.device)
+
+
+def step_tokens(batches: list[RewardBatch], meta: RewardBatch | None = None) -> int:
+    """Tokens the model runs over in one step, every pass (padding included: it is computed too)."""
+    return sum(b.num_tokens for b in batches) + (meta.num_tokens if meta is not None else 0)

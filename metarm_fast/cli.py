@@ -87,11 +87,11 @@ def _print_config(cfg: TrainConfig) -> None:
 
 def _print_summary(trainer, summary: dict) -> None:
     cfg = trainer.cfg
-    n_params = sum(p.numel() for p in trainer.params)
+    n_params = sum(p.numel() for p in trainer.weights.params)
     rows = [
         ("method", cfg.method),
         ("model", f"{cfg.model} ({n_params / 1e6:.2f}M params, {cfg.precision})"),
-        ("train pairs", f"{len(trainer.train_pairs)} ({cfg.train_data})"),
+        ("train pairs", f"{len(trainer.data.train_pairs)} ({cfg.train_data})"),
         ("steps", f"{summary['steps']} in {summary['train_time_s']} s ({summary['pairs_per_s']} pairs/s)"),
         ("truncated records", f"{summary['truncated_records']} (of which {summary['prompt_lost_records']} lost their "
                               "whole prompt)" if summary.get("prompt_lost_records") else str(summary["truncated_records"])),
@@ -114,7 +114,7 @@ def _print_summary(trainer, summary: dict) -> None:
             g0 = summary["meta_gaps_initial"]
             rows.append(("  before training", f"mean {g0['mean']:.3f}, median {g0['median']:.3f} (same samples)"))
         rows.append(("gap histogram", summary["meta_gap_histogram"]))
-    for name, rep in trainer.reports:
+    for name, rep in trainer.data.reports:
         rows.append((f"{name} data", rep.summary()))
     rows.append(("model (Hugging Face)", cfg.output_dir))
     rows.append(("metrics", os.path.join(cfg.output_dir, "metrics.jsonl")))

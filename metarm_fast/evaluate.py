@@ -79,7 +79,7 @@ def evaluate_checkpoint(model_dir: str, data: str, *, data_format=None, max_leng
     """Accuracy and reward statistics of a saved reward model on ``data``. The encoding settings left
     None come from the run that trained the model (so pairs are encoded as in training), else from
     TrainConfig's defaults; the ones used are in the result's ``settings``."""
-    from metarm_fast.trainer import pair_metrics
+    from metarm_fast.scoring import pair_metrics
 
     given = {"max_length": max_length, "data_format": data_format, "chat_template": chat_template,
              "pku_preference": pku_preference}

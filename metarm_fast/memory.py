@@ -73,15 +73,15 @@ class AllocationTracker(TorchDispatchMode):
         return self.baseline + self.peak
 
 
-def standing_bytes(trainer) -> int:
-    """Bytes held between steps: weights (frozen ones too: LoRA's base), gradient buffers, optimizer
-    states, fp32 masters."""
-    states = [t for st in trainer.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-    weights = list(trainer.rm.parameters())
-    return tensor_bytes(weights + [p.grad for p in trainer.params] + states + (trainer.masters or []))
+def standing_bytes(weights, optimizer) -> int:
+    """Bytes held between steps: the module's weights (frozen ones too: LoRA's base), gradient
+    buffers, optimizer states, fp32 masters. ``weights``: a ``metarm_fast.weights.Weights``."""
+    states = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    return tensor_bytes(list(weights.module.parameters()) + [p.grad for p in weights.params] + states
+                        + (weights.masters or []))
 
 
-def step_peak_bytes(trainer, fn) -> int:
+def step_peak_bytes(weights, optimizer, fn) -> int:
     """Peak bytes while `fn` (one step) runs: the CUDA allocator's figure on a GPU, else accounting."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -89,23 +89,23 @@ def step_peak_bytes(trainer, fn) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    with AllocationTracker(standing_bytes(trainer)) as t:
+    with AllocationTracker(standing_bytes(weights, optimizer)) as t:
         fn()
     return t.peak_bytes
 
 
-def compare_step_peaks(trainer) -> dict:
+def compare_step_peaks(weights, optimizer, batcher, micro, groups, *, vanilla_step, meta_step, eta: float,
+                       center_coef: float = 0.0) -> dict:
     """Peak bytes of a vanilla, an in-place MetaRM and a copy-based MetaRM step on the same batch.
 
-    The meta batch is the preference batch's own prompts, each with its two responses as one group,
-    so "the larger of the two batches" is the preference batch itself. One warm-up step first, so
-    that optimizer states and gradient buffers exist (they are the standing bytes of every step)."""
+    ``vanilla_step()`` and ``meta_step()`` take one step each (the trainer's ``train_step`` on ``micro``,
+    without and with ``groups``). One warm-up step first, so that optimizer states and gradient buffers
+    exist (they are the standing bytes of every step)."""
     from metarm_fast.reference import copy_based_meta_step
 
-    micro, _ = trainer.step_inputs(0)
-    groups = [[it.chosen, it.rejected] for it in micro[0]]
-    trainer.train_step(micro, groups)
-    vanilla = step_peak_bytes(trainer, lambda: trainer.train_step(micro))
-    meta = step_peak_bytes(trainer, lambda: trainer.train_step(micro, groups))
-    copy_based = step_peak_bytes(trainer, lambda: copy_based_meta_step(trainer, micro, groups))
-    return {"param_bytes": tensor_bytes(trainer.params), "vanilla": vanilla, "metarm": meta, "copy_based": copy_based}
+    meta_step()
+    vanilla = step_peak_bytes(weights, optimizer, vanilla_step)
+    meta = step_peak_bytes(weights, optimizer, meta_step)
+    copy_based = step_peak_bytes(weights, optimizer, lambda: copy_based_meta_step(
+        weights.module, weights, optimizer, batcher, micro, groups, eta=eta, center_coef=center_coef))
+    return {"param_bytes": tensor_bytes(weights.params), "vanilla": vanilla, "metarm": meta, "copy_based": copy_based}

@@ -205,6 +205,12 @@ class RewardModel(nn.Module):
     def config(self):
         return self.hf.config
 
+    @property
+    def needs_dense_mask(self) -> bool:
+        """Packed layouts: SDPA and eager attention take a dense (1, 1, T, T) mask; the others
+        (flex, FlashAttention varlen, block-wise SDPA) build theirs from the block ids."""
+        return self.config._attn_implementation in ("sdpa", "eager")
+
     def forward(self, batch) -> torch.Tensor:
         if batch.layout == "none":
             return compute_rewards(self.hf, batch.as_dict())

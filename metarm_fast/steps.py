@@ -4,9 +4,9 @@
 - ``j_pass``: forward/backward of the difference loss J on a meta batch (grad J in the .grad buffers);
 - ``metarm_grads``: Algorithm 1's gradient: J pass, perturbation, L pass at theta', restore, and
   the optional second-order term;
-- ``optimizer_step``: clipping and the optimizer (through fp32 masters when there are any).
 
-The trainer's loop and the benchmarks call these; nothing here keeps state between steps.
+The optimizer step itself (clipping, fp32 masters) is ``metarm_fast.weights.Weights.step``. The
+trainer's loop and the benchmarks call these; nothing here keeps state between steps.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def group_gaps(r: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef: float = 0.0,
                  second_order: bool = False, loss_fn=None, info=None, global_pairs=None, global_groups=None) -> dict:
     """grad_{theta'} L(theta') in the .grad buffers (plus eta * H_J grad L with ``second_order``), the
-    weights back at theta. Returns (metrics: L's, J and the perturbation's; the MetaStats). Data parallel:
+    weights back at theta. Returns (metrics: L's, J and the perturbation's; its PerturbStats). Data parallel:
     see ``l_pass`` and ``j_pass``; every rank perturbs with the same all-reduced grad J."""
     if second_order and info is not None and info.distributed:
         raise ValueError("--second-order is single-process only (its Hessian-vector product is not reduced across ranks)")
@@ -119,48 +119,3 @@ def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef
         meta_restore_ms=stats.restore_s * 1e3,
     )
     return m, stats
-
-
-def zero_grads(params) -> None:
-    """Zero the gradient buffers, keeping them allocated (the meta step stores its restore data there)."""
-    for p in params:
-        if p.grad is not None:
-            p.grad.zero_()
-
-
-def optimizer_step(params, optimizer, scheduler=None, *, masters=None, max_grad_norm: float = 0.0) -> float:
-    """Clip (``max_grad_norm`` > 0) and step; returns the gradient norm before clipping."""
-    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-    if masters is None:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over every rank's shards
-            norm = norm.full_tensor()
-        norm = float(norm)
-        optimizer.step()
-    else:
-        norm = _master_step(params, masters, optimizer, max_norm)
-    if scheduler is not None:
-        scheduler.step()
-    return norm
-
-
-@torch.no_grad()
-def _master_step(params, masters, optimizer, max_norm: float) -> float:
-    """Update the fp32 masters one tensor at a time from the bf16 gradients.
-
-    Casting every gradient to fp32 at once would hold 4 more bytes per parameter during the step
-    (26 GB for a 7B model). The optimizers used here (torch AdamW, bitsandbytes' 8-bit AdamW) skip
-    parameters whose .grad is None and keep per-parameter state, so stepping with one master
-    gradient set at a time is the same update.
-    """
-    # The norm as torch's clip_grad_norm_ forms it (norm of per-tensor norms), one fp32 tensor at a time.
-    norms = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])
-    total = torch.linalg.vector_norm(norms)
-    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for p, mp in zip(params, masters):
-        mp.grad = p.grad.float()
-        mp.grad.mul_(scale)
-        optimizer.step()
-        mp.grad = None
-        p.copy_(mp)  # the compute copy is always exactly round(master)
-    return float(total)

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from metarm_fast import cli  # noqa: E402
 from metarm_fast.config import TrainConfig  # noqa: E402
 from metarm_fast.parallel import shutdown_distributed  # noqa: E402
-from metarm_fast.steps import j_pass, l_pass, zero_grads  # noqa: E402
+from metarm_fast.steps import j_pass, l_pass  # noqa: E402
 from metarm_fast.trainer import RewardTrainer  # noqa: E402
 
 
@@ -62,17 +62,17 @@ def main():
         if a.fail_on_rank == rank and step == 1:
             raise RuntimeError(f"injected failure on rank {rank}")
         micro, groups = tr.step_inputs(step)
-        before = [local(p).detach().clone() for p in tr.params]
-        zero_grads(tr.params)
-        j_pass(tr.model, tr.meta_batch(groups), info=tr.dist, global_groups=cfg.meta_batch_size)
-        gj = digest([p.grad for p in tr.params])
+        before = [local(p).detach().clone() for p in tr.weights.params]
+        tr.weights.zero_grads()
+        j_pass(tr.model, tr.batcher.groups(groups), info=tr.dist, global_groups=cfg.meta_batch_size)
+        gj = digest([p.grad for p in tr.weights.params])
         with tr.meta.perturbed() as stats:
-            moved = digest(tr.params)
+            moved = digest(tr.weights.params)
             assert stats.changed > 0 and moved != digest(before)
-            l_pass(tr.model, [tr.pair_batch(m) for m in micro], info=tr.dist, global_pairs=cfg.batch_size)
-        restored = all(torch.equal(local(p).view(torch.uint8), b.view(torch.uint8)) for p, b in zip(tr.params, before))
+            l_pass(tr.model, [tr.batcher.pairs(m) for m in micro], info=tr.dist, global_pairs=cfg.batch_size)
+        restored = all(torch.equal(local(p).view(torch.uint8), b.view(torch.uint8)) for p, b in zip(tr.weights.params, before))
         seen = [None] * tr.dist.world_size
-        dist.all_gather_object(seen, (gj, moved, restored, digest([p.grad for p in tr.params]),
+        dist.all_gather_object(seen, (gj, moved, restored, digest([p.grad for p in tr.weights.params]),
                                       (stats.numel, stats.changed, stats.realised_sq)))
         assert all(s[2] for s in seen), f"step {step}: the restore was not bitwise on every rank: {seen}"
         assert len({s[4] for s in seen}) == 1, f"step {step}: ranks disagree on the perturbation's stats: {seen}"
@@ -80,9 +80,8 @@ def main():
             assert len({s[:2] for s in seen}) == 1, f"step {step}: ranks differ in grad J or theta': {seen}"
             assert len({s[3] for s in seen}) == 1, f"step {step}: ranks differ in the reduced grad L: {seen}"
         else:  # shards: each rank its own part of the model
-            assert stats.numel == sum(p.numel() for p in tr.params), "the stats must cover the whole model"
+            assert stats.numel == sum(p.numel() for p in tr.weights.params), "the stats must cover the whole model"
         tr.optimizer_step()
-        tr.step += 1
     dist.barrier()
     if rank == 0:
         print(f"restore bitwise on every rank: ok ({a.parallel})")

@@ -9,7 +9,10 @@ from tests.helpers import tiny_config
 @pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
 def test_meta_step_peak_is_the_vanilla_peak(tmp_path, precision):
     tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-3, batch_size=8, tiny_hidden=64, precision=precision))
-    peaks = compare_step_peaks(tr)
+    micro, _ = tr.step_inputs(0)
+    groups = [[it.chosen, it.rejected] for it in micro[0]]  # the meta batch: the pairs' own prompts, 2 per group
+    peaks = compare_step_peaks(tr.weights, tr.optimizer, tr.batcher, micro, groups, eta=tr.cfg.eta,
+                               vanilla_step=lambda: tr.train_step(micro), meta_step=lambda: tr.train_step(micro, groups))
     param_bytes, vanilla, meta, copy_based = (peaks[k] for k in ("param_bytes", "vanilla", "metarm", "copy_based"))
     assert meta - vanilla <= 0.01 * param_bytes, (meta, vanilla, param_bytes)
     if precision == "fp32":

@@ -17,16 +17,16 @@ def test_packed_steps_equal_padded_steps(tmp_path, packing, attn):
     assert padded.encoder.truncated > 0
     micro, meta_groups = padded.step_inputs(0)
     assert len({len(g) for g in meta_groups}) >= 1
-    ra, rb = (pair_loss(tr.model, tr.pair_batch(micro[0])) for tr in (padded, packed))
+    ra, rb = (pair_loss(tr.model, tr.batcher.pairs(micro[0])) for tr in (padded, packed))
     torch.testing.assert_close(ra[1], rb[1], rtol=1e-5, atol=1e-5)  # chosen rewards, same order
     torch.testing.assert_close(ra[2], rb[2], rtol=1e-5, atol=1e-5)  # rejected rewards
     torch.testing.assert_close(ra[0], rb[0], rtol=1e-5, atol=1e-6)
-    ja, jb = (difference_loss(tr.model(b), b.offsets) for tr in (padded, packed) for b in [tr.meta_batch(meta_groups)])
+    ja, jb = (difference_loss(tr.model(b), b.offsets) for tr in (padded, packed) for b in [tr.batcher.groups(meta_groups)])
     torch.testing.assert_close(ja, jb, rtol=1e-5, atol=1e-6)
     # a whole MetaRM step (J pass, perturbation, L pass, restore): the same gradients
     for tr in (padded, packed):
         meta_grads(tr, micro, meta_groups)
-    for a, b in zip(padded.params, packed.params):
+    for a, b in zip(padded.weights.params, packed.weights.params):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 

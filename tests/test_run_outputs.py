@@ -46,9 +46,9 @@ def test_each_step_line_counts_the_tokens_its_passes_ran_over(tmp_path, method, 
     probe = RewardTrainer(tiny_config(tmp_path / "probe", method=method, packing=packing))
     for r in steps:
         micro, groups = probe.step_inputs(r["step"] - 1)
-        want = sum(probe.pair_batch(m).input_ids.numel() for m in micro)
+        want = sum(probe.batcher.pairs(m).input_ids.numel() for m in micro)
         if method == "metarm":
-            want += probe.meta_batch(groups).input_ids.numel()
+            want += probe.batcher.groups(groups).input_ids.numel()
         assert r["tokens"] == want
         assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_s"], rel=1e-3)
 

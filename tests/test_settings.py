@@ -63,12 +63,12 @@ def test_a_missing_model_folder_is_named(tmp_path, capsys):
 
 
 def test_the_data_is_checked_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
-    import metarm_fast.trainer as trainer
+    import metarm_fast.build as build
 
     def never(*a, **k):
         raise AssertionError("the model was loaded before the data was read")
 
-    monkeypatch.setattr(trainer, "load_model", never)
+    monkeypatch.setattr(build, "load_model", never)
     rc, out = _train(tmp_path, capsys, "--train-data", str(tmp_path / "typo.jsonl"), "--max-steps", "1")
     assert rc == 2 and "typo.jsonl" in out.err
 

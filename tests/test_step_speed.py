@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from metarm_fast.model import build_tiny_llama, sparse_embedding_grad_
-from metarm_fast.trainer import RewardTrainer, adamw_impl
+from metarm_fast.build import adamw_impl
+from metarm_fast.trainer import RewardTrainer
 from tests.helpers import l_grads, meta_grads, tiny_config
 
 # Measured (torch 2.13 CPU, tiny Llama hidden 32, synthetic pairs): the sparse embedding gradient equals the
@@ -40,9 +41,9 @@ def test_sparse_embedding_gradient_matches_dense(tmp_path):
         for fn in (lambda tr: l_grads(tr, micro), lambda tr: meta_grads(tr, micro, groups)):
             fn(dense)
             fn(sparse)
-            emb = [i for i, p in enumerate(dense.params) if p.shape == dense.rm.hf.get_input_embeddings().weight.shape][0]
-            assert not sparse.params[emb].grad.is_sparse  # the .grad buffer the meta step and optimizer see
-            err = max(_rel(s.grad, d.grad) for s, d in zip(sparse.params, dense.params) if d.grad.abs().max() > 0)
+            emb = [i for i, p in enumerate(dense.weights.params) if p.shape == dense.rm.hf.get_input_embeddings().weight.shape][0]
+            assert not sparse.weights.params[emb].grad.is_sparse  # the .grad buffer the meta step and optimizer see
+            err = max(_rel(s.grad, d.grad) for s, d in zip(sparse.weights.params, dense.weights.params) if d.grad.abs().max() > 0)
             print(f"sparse vs dense embedding gradient [{packing}]: max relative difference {err:.3g}")
             assert err <= EMB_TOL
 

@@ -117,9 +117,9 @@ def test_metarm_steps_repeat_bitwise_at_1_and_2_threads(tmp_path, threads, setti
         runs.append((tr, metrics))
     (a, ma), (b, mb) = runs
     assert ma == mb
-    assert_bitwise_equal(a.opt_params, b.opt_params)
-    assert_bitwise_equal(a.params, b.params)
-    for p, q in zip(a.opt_params, b.opt_params):
+    assert_bitwise_equal(a.weights.opt_params, b.weights.opt_params)
+    assert_bitwise_equal(a.weights.params, b.weights.params)
+    for p, q in zip(a.weights.opt_params, b.weights.opt_params):
         sa, sb = a.optimizer.state[p], b.optimizer.state[q]
         assert_bitwise_equal([sa[k] for k in sorted(sa)], [sb[k] for k in sorted(sb)])
 

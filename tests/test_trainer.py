@@ -6,6 +6,8 @@ import torch
 
 from metarm_fast.cli import main
 from metarm_fast.config import TrainConfig
+from metarm_fast.scoring import score_pairs as score_pairs_in_training
+from metarm_fast.train_data import encode_pairs
 from metarm_fast.trainer import RewardTrainer
 from tests.helpers import assert_bitwise_equal, l_grads, tiny_config
 
@@ -18,7 +20,7 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
         assert [p for m in mb_big for p in m] == [p for m in mb_acc for p in m]  # same pairs per step
         lb, la = l_grads(big, mb_big), l_grads(acc, mb_acc)
         assert la["loss"] == pytest.approx(lb["loss"], rel=1e-6) and la["accuracy"] == lb["accuracy"]
-        for a, b in zip(big.params, acc.params):
+        for a, b in zip(big.weights.params, acc.weights.params):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
         # The accumulated gradient is the claim; parameters are not compared after the step, since
         # Adam turns a 1e-9 difference in a near-zero gradient element into a step of ~lr.
@@ -56,7 +58,7 @@ def test_checkpoint_round_trip_gives_the_same_rewards(tmp_path):
     model, tok = load_checkpoint(out)
     pairs = SyntheticTask(0).pairs("eval", n=32)
     rc, rr, _ = score_pairs(model, tok, pairs, max_length=48)
-    tc, trr = tr.score_pairs(tr.encode_pairs(pairs))
+    tc, trr = score_pairs_in_training(tr.rm, tr.batcher, encode_pairs(tr.encoder, pairs), tr.cfg.eval_batch_size)
     torch.testing.assert_close(rc, tc, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rr, trr, rtol=1e-5, atol=1e-6)
     # transformers' own head agrees on right-padded batches: the saved pad id is not the eos id.
@@ -105,7 +107,7 @@ def test_optimizers_and_precisions_train(tmp_path, optimizer, precision):
     first = tr.evaluate()
     s = tr.train()
     assert s["eval"]["accuracy"] > first["accuracy"] + 0.05, (first, s["eval"])
-    assert all(torch.isfinite(p).all() for p in tr.params)
+    assert all(torch.isfinite(p).all() for p in tr.weights.params)
 
 
 def test_cli_metarm_run_with_a_meta_set_file(tmp_path, capsys):
@@ -146,13 +148,13 @@ def test_master_update_one_tensor_at_a_time_equals_the_whole_step(tmp_path, opti
             l_grads(tr, micro)
         a.optimizer_step()
         with torch.no_grad():
-            for p, mp in zip(b.params, b.masters):
+            for p, mp in zip(b.weights.params, b.weights.masters):
                 mp.grad = p.grad.float()
-            torch.nn.utils.clip_grad_norm_(b.masters, 0.05)
+            torch.nn.utils.clip_grad_norm_(b.weights.masters, 0.05)
             b.optimizer.step()
-            for p, mp in zip(b.params, b.masters):
+            for p, mp in zip(b.weights.params, b.weights.masters):
                 p.copy_(mp)
                 mp.grad = None
         b.scheduler.step()
-    for ma, mb in zip(a.masters, b.masters):
+    for ma, mb in zip(a.weights.masters, b.weights.masters):
         torch.testing.assert_close(ma, mb, rtol=1e-6, atol=1e-7)
