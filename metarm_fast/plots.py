@@ -101,3 +101,18 @@ def save_training_curves(metrics_path: str, path: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def gap_report(gaps: torch.Tensor, baseline_path: str, figure_path: str, label: str, *, write: bool) -> dict:
+    """The summary's meta-gap entries: the gaps now, those before training (saved at ``baseline_path``
+    by the run's start) and, when ``write``, the histogram of both at ``figure_path``."""
+    out = {"meta_gaps": {"mean": float(gaps.mean()), "median": float(gaps.median()), "n": gaps.numel()}}
+    if not write:
+        return out
+    import os
+
+    before = torch.load(baseline_path) if os.path.exists(baseline_path) else None
+    if before is not None:
+        out["meta_gaps_initial"] = {"mean": float(before.mean()), "median": float(before.median())}
+    out["meta_gap_histogram"] = save_gap_histogram(gaps, figure_path, baseline=before, label=label)
+    return out

@@ -8,6 +8,7 @@ import shutil
 from metarm_fast import checkpoint as ckpt
 from metarm_fast.config import TrainConfig
 from metarm_fast.lora import ADAPTER_DIR
+from metarm_fast.parallel import broadcast_object
 from metarm_fast.plots import GAP_HISTOGRAM, TRAINING_CURVES
 from metarm_fast.tracking import TENSORBOARD_DIR
 
@@ -52,6 +53,20 @@ def prepare_output_dir(cfg: TrainConfig) -> str | None:
         p = os.path.join(out, f)
         shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     return None
+
+
+def agree_on_start(cfg: TrainConfig, dist) -> str | None:
+    """``prepare_output_dir`` decided by rank 0 alone and told to every rank (its refusal too)."""
+    decision = None
+    if dist.is_main:
+        try:
+            decision = ("resume", prepare_output_dir(cfg))
+        except ValueError as e:
+            decision = ("error", str(e))
+    kind, value = broadcast_object(decision, dist)
+    if kind == "error":
+        raise ValueError(value)
+    return value
 
 
 def _saved_config_matches(cfg: TrainConfig) -> bool:

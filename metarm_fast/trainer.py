@@ -16,11 +16,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import signal
-import threading
 import time
 import warnings
-from contextlib import contextmanager
 
 import torch
 
@@ -29,16 +26,17 @@ from metarm_fast.build import build_model, check_parallel, count_steps, make_opt
 from metarm_fast.config import TrainConfig
 from metarm_fast.data import Encoder
 from metarm_fast.export import export_model
-from metarm_fast.meta_step import MetaStep
+from metarm_fast.meta_step import MetaStep, vanished_warning
 from metarm_fast.model import choose_packing, load_tokenizer
 from metarm_fast.parallel import any_rank, barrier, broadcast_object, full_state_dict, init_distributed, shard
-from metarm_fast.plots import GAP_HISTOGRAM, TRAINING_CURVES, save_gap_histogram, save_training_curves
-from metarm_fast.run_dir import BEST, CHECKPOINTS, INITIAL_GAPS, METRICS, prepare_output_dir, write_config
+from metarm_fast.plots import GAP_HISTOGRAM, TRAINING_CURVES, gap_report, save_training_curves
+from metarm_fast.run_dir import BEST, CHECKPOINTS, INITIAL_GAPS, METRICS, agree_on_start, write_config
 from metarm_fast.run_log import RunLog
 from metarm_fast.sampler import EpochSampler
 from metarm_fast.scoring import evaluate_pairs, meta_gaps
 from metarm_fast.sources import pair_source
 from metarm_fast.steps import NonFiniteLoss, l_pass, metarm_grads
+from metarm_fast.stop import StopRequest
 from metarm_fast.threads import busy_warning, set_threads
 from metarm_fast.tracking import check_installed, parse_report_to
 from metarm_fast.train_data import encode_pairs, load_train_data
@@ -149,16 +147,9 @@ class RewardTrainer:
         return norm
 
     def _warn_if_vanished(self, stats) -> None:
-        if not stats.vanished or self.state.warned_vanished:
-            return
-        self.state.warned_vanished = True
-        warnings.warn(
-            f"meta step {self.step + 1}: the perturbation eta * grad J was lost to rounding in the "
-            f"{self.weights.params[0].dtype} weights (realised/intended norm {stats.ratio:.3g}, "
-            f"{stats.changed} of {stats.numel} weights changed); MetaRM is acting as vanilla training. "
-            + ("Use a larger --eta, or --precision fp32." if self.cfg.precision == "bf16-master"
-               else "Use --precision fp32 or bf16-master (fp32 master weights), or a larger --eta.")
-        )
+        if stats.vanished and not self.state.warned_vanished:
+            self.state.warned_vanished = True
+            warnings.warn(vanished_warning(stats, self.step + 1, self.weights.params[0].dtype, self.cfg.precision))
 
     # -- evaluation and export -------------------------------------------------------------------
     def evaluate(self, pairs=None) -> dict:
@@ -185,7 +176,7 @@ class RewardTrainer:
         resumed = self._start()
         cfg, state = self.cfg, self.state
         log = RunLog(cfg, state.step, self.total_steps, main=self.dist.is_main)
-        stop = _StopRequest()
+        stop = StopRequest()
         saved_at = state.step if resumed else None
         try:
             with stop.installed():
@@ -221,15 +212,7 @@ class RewardTrainer:
         """The output folder (rank 0 decides), the resume, the saved config and the gap histogram's
         baseline; returns whether the run resumed."""
         cfg, main = self.cfg, self.dist.is_main
-        decision = None
-        if main:
-            try:
-                decision = ("resume", prepare_output_dir(cfg))
-            except ValueError as e:
-                decision = ("error", str(e))
-        kind, resume_from = broadcast_object(decision, self.dist)
-        if kind == "error":
-            raise ValueError(resume_from)
+        resume_from = agree_on_start(cfg, self.dist)
         if resume_from:
             self.checkpointer.load(resume_from)
             self.log(f"metarm-fast: resuming from {resume_from} (step {self.step} of {self.total_steps})")
@@ -273,16 +256,8 @@ class RewardTrainer:
                 # (up to 1024 of) the training pairs, and the summary says so.
                 summary["train_rewards"] = self.evaluate(self.data.train_pairs[:1024])
             if self.data.meta_groups:
-                gaps = self.meta_gaps()
-                summary["meta_gaps"] = {"mean": float(gaps.mean()), "median": float(gaps.median()), "n": gaps.numel()}
-                initial = os.path.join(out, INITIAL_GAPS)
-                if self.dist.is_main:
-                    before = torch.load(initial) if os.path.exists(initial) else None
-                    if before is not None:
-                        summary["meta_gaps_initial"] = {"mean": float(before.mean()), "median": float(before.median())}
-                    summary["meta_gap_histogram"] = save_gap_histogram(
-                        gaps, os.path.join(out, GAP_HISTOGRAM), baseline=before,
-                        label=f"after {state.step} steps ({cfg.method})")
+                summary.update(gap_report(self.meta_gaps(), os.path.join(out, INITIAL_GAPS), os.path.join(out, GAP_HISTOGRAM),
+                                          f"after {state.step} steps ({cfg.method})", write=self.dist.is_main))
         if self.dist.is_main:
             log.flush()
             summary["training_curves"] = save_training_curves(os.path.join(out, METRICS), os.path.join(out, TRAINING_CURVES))
@@ -293,28 +268,3 @@ class RewardTrainer:
         summary["truncated_records"] = self.encoder.truncated
         summary["prompt_lost_records"] = self.encoder.prompt_lost
         return summary
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM ask the loop to finish its step, save and return; a second SIGINT stops at once
-    (KeyboardInterrupt: the meta step restores the weights on its way out)."""
-
-    def __init__(self):
-        self.requested: str | None = None
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    @contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield
-            return
-        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)

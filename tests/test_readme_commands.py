@@ -1,0 +1,54 @@
+"""The README's commands, run as a user runs them: from the repository root, where Python puts the
+root first on sys.path (a root-level name that shadows an installed package breaks exactly these).
+
+Each `python -m bench.*` command the README gives runs here at its smallest setting; a README that
+names a bench this file does not know fails, so the README cannot give an untested command.
+`make demo` and `make test` run from the root in CI, in a pinned and a newest-releases venv."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+ENV.pop("TRITON_INTERPRET", None)  # as a user's shell has it: the commands set up what they need
+
+# The smallest setting of each bench the README gives, writing under OUT.
+SMALLEST = {
+    "bench.shift": ["--quick", "--out", "{OUT}"],
+}
+
+
+def readme_bench_modules() -> set[str]:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return set(re.findall(r"python -m (bench\.\w+)", f.read()))
+
+
+def test_every_bench_the_readme_gives_is_run_here():
+    unknown = readme_bench_modules() - set(SMALLEST)
+    assert not unknown, f"README gives {sorted(unknown)}, which no test runs: add its smallest setting to SMALLEST"
+
+
+def _run(args, tmp_path):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{' '.join(args)} from the repository root failed:\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", sorted(SMALLEST))
+def test_readme_bench_command_runs_from_the_repository_root(module, tmp_path):
+    _run(["-m", module, *[a.replace("{OUT}", str(tmp_path / "out")) for a in SMALLEST[module]]], tmp_path)
+    assert os.listdir(tmp_path / "out"), f"{module} wrote nothing"
+
+
+@pytest.mark.slow
+def test_make_demo_command_runs_from_the_repository_root(tmp_path):
+    """What `make demo` runs (fewer steps), started in the root: the first command of the README."""
+    r = _run(["-m", "metarm_fast.cli", "train", "--method", "metarm", "--max-steps", "2", "--no-progress",
+              "--output-dir", str(tmp_path / "demo")], tmp_path)
+    assert "meta reward gap" in r.stdout
+    assert os.path.isfile(tmp_path / "demo" / "model.safetensors")
