@@ -1,9 +1,9 @@
-"""Benchmark of the MetaRM kernels: Triton against the torch reference.
+"""Benchmark of the MetaRM kernels: Triton against the torch path.
 
     python -m bench.kernels [--numel N] [--repeats R] [--warmup W] [--out results.json]
 
 On a GPU it times both paths of every op; on a CPU it says that Triton cannot be timed here (the
-interpreter would measure Python, not the kernel) and times the torch reference only. Warm-up
+interpreter would measure Python, not the kernel) and times the torch path only. Warm-up
 runs are left out; each row gives the median and the spread (min, quartiles, max) over the
 repeats, and GB/s from the bytes the op must move (formulas in ``_perturb_bytes`` and next to
 each op, the same as in bench/KERNELS_PLAN.md). The environment (device, versions, git commit) is
@@ -194,7 +194,7 @@ def bench_perturb(device, impls, total, args):
             last = {}
 
             def do_perturb():
-                last["stats"] = perturb_(params, grads, 5e-6, masters=masters, exp_avg_sq=vs, impl=impl)
+                last["stats"] = perturb_(params, grads, 5e-6, masters=masters, exp_avg_sq=vs, impl=impl).stats
 
             def fresh_state():
                 # Undo the previous call outside the timed region, and give back the J gradient.
@@ -238,7 +238,7 @@ def main(argv=None) -> dict:
     else:
         impls = ["torch"]
         print("no GPU: Triton kernels cannot be timed here (the interpreter would time Python, not the "
-              "kernel); timing the torch reference only, on the CPU.")
+              "kernel); timing the torch path only, on the CPU.")
     total = args.numel or (1 << 27 if device.type == "cuda" else 1 << 22)
 
     rows = []

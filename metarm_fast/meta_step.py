@@ -28,40 +28,13 @@ the weights before it propagates: the model is never left perturbed.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
-from metarm_fast.kernels import RestorePlan, perturb_, restore_
-
-
-@dataclass
-class MetaStats:
-    """What one perturbation did, for the metrics and the vanished-step warning."""
-
-    numel: int
-    changed: int  # weights whose forward-visible value changed
-    intended_sq: float
-    realised_sq: float
-    nonfinite: int  # elements of eta * d that were not finite (left unperturbed)
-    perturb_s: float = 0.0  # host time of the perturbation
-    restore_s: float = 0.0  # host time of the restore (plan, hooks, exit); filled in on exit
-
-    @property
-    def ratio(self) -> float:
-        return math.sqrt(self.realised_sq / self.intended_sq) if self.intended_sq > 0 else 0.0
-
-    @property
-    def frac_changed(self) -> float:
-        return self.changed / max(self.numel, 1)
-
-    @property
-    def vanished(self) -> bool:
-        """The perturbation was (almost) entirely lost to rounding in the weights the forward pass uses."""
-        return self.intended_sq > 0 and (self.changed == 0 or self.ratio < 0.1)
+from metarm_fast.kernels import Perturbation, PerturbStats, perturb_
 
 
 class MetaStep:
@@ -86,20 +59,24 @@ class MetaStep:
 
     @contextmanager
     def perturbed(self, micro_batches: int = 1):
-        """theta' for the block; theta back on exit (normal or not). grad J must be in the .grad buffers."""
-        stats, hints = self._perturb()
+        """theta' for the block; theta back on exit (normal or not). grad J must be in the .grad buffers.
+
+        Yields the perturbation's PerturbStats (whole model, all ranks), with perturb_s filled in
+        and restore_s (plan, hooks, exit) filled in on exit."""
+        perturbation, stats = self._perturb()
         if self.sharded:
-            restorer = _ShardRestorer(self.params)
+            restorer = _ShardRestorer(self.params, perturbation)
         else:
-            restorer = _Restorer(self.params, self.masters, use_hooks=micro_batches == 1, hints=hints)
+            restorer = _Restorer(self.params, perturbation, use_hooks=micro_batches == 1)
+        del perturbation  # the restorer owns it, and drops it once theta is back
         try:
             yield stats
         finally:
             restorer.restore_all()
             stats.restore_s = restorer.seconds
 
-    def _perturb(self):
-        """theta' in place; returns the stats and what the perturbation learnt for the restore plan."""
+    def _perturb(self) -> tuple[Perturbation, PerturbStats]:
+        """theta' in place; returns the perturbation (which undoes itself) and the stats to report."""
         t0 = time.perf_counter()
         grads = [_local(g) for g in _grads(self.params)]
         params = [_local(p) for p in self.params]
@@ -116,23 +93,16 @@ class MetaStep:
                 masters = [self.masters[i]] if self.masters is not None else None
                 parts.append(perturb_([p], [g], self.eta, masters=masters, exp_avg_sq=[v() if callable(v) else v],
                                       bias_correction2=bc2))
-            hints = [h for st in parts for h in st.restore_hints] if all(st.restore_hints is not None for st in parts) else None
-            st = _sum_stats(parts)
+            perturbation = Perturbation.concat(parts)
         else:
-            st = perturb_(params, grads, self.eta, masters=self.masters, exp_avg_sq=vs, bias_correction2=bc2)
-            hints = st.restore_hints
+            perturbation = perturb_(params, grads, self.eta, masters=self.masters, exp_avg_sq=vs, bias_correction2=bc2)
         if self.masters is not None:
             for g in grads:  # the compute copy's J gradient is not needed any more; L accumulates from zero
                 g.zero_()
-        numbers = [st.numel, st.changed, st.intended_sq, st.realised_sq, st.nonfinite]
+        stats = perturbation.stats
         if self.sharded:  # every rank decides on the whole model's numbers (warnings, non-finite skips)
-            import torch.distributed as dist
-
-            t = torch.tensor(numbers, dtype=torch.float64, device=grads[0].device if grads else "cpu")
-            dist.all_reduce(t)
-            numbers = t.tolist()
-        return MetaStats(int(numbers[0]), int(numbers[1]), numbers[2], numbers[3], int(numbers[4]),
-                         perturb_s=time.perf_counter() - t0), hints
+            stats = _all_reduced(stats, grads[0].device if grads else "cpu")
+        return perturbation, dataclasses.replace(stats, perturb_s=time.perf_counter() - t0)
 
 
 def _is_dtensor(t) -> bool:
@@ -148,31 +118,36 @@ def _local(t):
     return t.to_local() if _is_dtensor(t) else t
 
 
-class _ShardRestorer:
-    """FSDP2: z (in each grad shard) set aside, .grad emptied so that FSDP2 writes grad L(theta') into a
-    fresh one, and the shards restored from z after the L backward. Extra memory: one local gradient
-    shard, 1/N of the parameter bytes, for the duration of the L pass."""
+def _all_reduced(stats: PerturbStats, device) -> PerturbStats:
+    """The counts and sums added over the ranks (each perturbed its own shards)."""
+    import torch.distributed as dist
 
-    def __init__(self, params):
+    t = torch.tensor([stats.numel, stats.changed, stats.intended_sq, stats.realised_sq, stats.nonfinite],
+                     dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    numel, changed, intended_sq, realised_sq, nonfinite = t.tolist()
+    return PerturbStats(int(numel), int(changed), intended_sq, realised_sq, int(nonfinite))
+
+
+class _ShardRestorer:
+    """FSDP2: z (in each grad shard, which the perturbation holds) set aside, .grad emptied so that
+    FSDP2 writes grad L(theta') into a fresh one, and the shards restored from z after the L backward.
+    Extra memory: one local gradient shard, 1/N of the parameter bytes, for the duration of the L pass."""
+
+    def __init__(self, params, perturbation: Perturbation):
         t0 = time.perf_counter()
-        self.params = params
-        self.deltas = [_local(p.grad) for p in params]
+        self.perturbation = perturbation
         for p in params:
             p.grad = None  # FSDP2 adds its reduce-scattered gradient into an existing .grad
         self.seconds = time.perf_counter() - t0
 
     def restore_all(self) -> None:
-        if self.deltas is None:
+        if self.perturbation is None:
             return
         t0 = time.perf_counter()
-        restore_([_local(p) for p in self.params], self.deltas)
-        self.deltas = None
+        self.perturbation.restore()
+        self.perturbation = None
         self.seconds += time.perf_counter() - t0
-
-
-def _sum_stats(parts):
-    first = parts[0]
-    return type(first)(**{f: sum(getattr(p, f) for p in parts) for f in first.__dataclass_fields__ if f != "restore_hints"})
 
 
 def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -217,29 +192,29 @@ class _Dequantized:
 class _Restorer:
     """Restores each weight as soon as its L gradient arrives (no-master case), and the rest on exit."""
 
-    def __init__(self, params, masters, use_hooks: bool, hints=None):
+    def __init__(self, params, perturbation: Perturbation, use_hooks: bool):
         t0 = time.perf_counter()
         self.seconds = 0.0
-        self.params, self.masters = params, masters
+        self.params, self.perturbation = params, perturbation
         self.pending = set(range(len(params)))
-        self.side_deltas: list[torch.Tensor] | None = None
         self.handles = []
-        self.plan: RestorePlan | None = None
-        if masters is not None:
-            return
-        if use_hooks:
-            # z is in each grad buffer until its hook restores it; the plan makes the per-call checks once
+        self.plan = None  # the per-tensor restore of the hooks
+        if perturbation.masters is None and use_hooks:
+            # z is in each grad buffer until its hook restores it; the plan makes the per-call work once
             try:
-                self.plan = RestorePlan(params, [p.grad for p in params], hints=hints)
-            except BaseException:
-                restore_(params, [p.grad for p in params])  # never leave theta' behind
+                self.plan = perturbation.restore_plan()
+                for i, p in enumerate(params):
+                    self.handles.append(p.register_hook(self._hook(i)))
+            except BaseException:  # never leave theta' behind
+                for h in self.handles:
+                    h.remove()
+                perturbation.restore()
                 for p in params:
                     p.grad.zero_()
                 raise
-            self.handles = [p.register_hook(self._hook(i)) for i, p in enumerate(params)]
-        else:
-            # Gradient accumulation: theta' is needed by every micro-batch, so z moves aside.
-            self.side_deltas = [p.grad for p in params]
+        elif perturbation.masters is None:
+            # Gradient accumulation: theta' is needed by every micro-batch, so z stays aside in the
+            # buffers the perturbation holds, and L accumulates into fresh ones.
             for p in params:
                 p.grad = torch.zeros_like(p)
         self.seconds += time.perf_counter() - t0
@@ -260,23 +235,17 @@ class _Restorer:
         for h in self.handles:
             h.remove()
         self.handles = []
-        if not self.pending:
-            return
         t0 = time.perf_counter()
-        idx = sorted(self.pending)
-        params = [self.params[i] for i in idx]
-        if self.masters is not None:
-            restore_(params, None, masters=[self.masters[i] for i in idx])
-        elif self.side_deltas is not None:
-            restore_(params, [self.side_deltas[i] for i in idx])
-            self.side_deltas = None
-        else:
+        if self.pending and self.plan is None:
+            self.perturbation.restore()  # masters, or z set aside: no tensor was restored yet
+        elif self.pending:
             # Parameters that got no gradient from L (unused), or all of them if the L pass failed
             # before its backward: z is still in their grad buffers.
-            for i in idx:
+            for i in sorted(self.pending):
                 self.plan.restore(i)
                 self.params[i].grad.zero_()
         self.pending.clear()
+        self.plan = self.perturbation = None  # z set aside is freed with it
         self.seconds += time.perf_counter() - t0
 
 
@@ -308,3 +277,12 @@ def second_order_correction_(params, j_fn, eta: float) -> None:
         h = next(it)
         if h is not None:
             p.grad.add_(h, alpha=eta)
+
+
+def vanished_warning(stats, step: int, dtype, precision: str) -> str:
+    """The message for a perturbation lost to rounding (``stats.vanished``): what happened, and what to change."""
+    return (f"meta step {step}: the perturbation eta * grad J was lost to rounding in the {dtype} weights "
+            f"(realised/intended norm {stats.ratio:.3g}, {stats.changed} of {stats.numel} weights changed); "
+            "MetaRM is acting as vanilla training. "
+            + ("Use a larger --eta, or --precision fp32." if precision == "bf16-master"
+               else "Use --precision fp32 or bf16-master (fp32 master weights), or a larger --eta."))

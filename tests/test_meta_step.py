@@ -125,22 +125,32 @@ def test_exception_in_second_pass_leaves_weights_restored(tmp_path, monkeypatch)
     assert_bitwise_equal(tr.params, before)
 
 
-def test_a_restore_plan_that_cannot_be_built_leaves_weights_restored(tmp_path, monkeypatch):
-    import metarm_fast.meta_step as ms
+@pytest.mark.parametrize("where", ["plan", "hooks"])
+def test_a_restore_that_cannot_be_set_up_leaves_weights_restored(tmp_path, monkeypatch, where):
+    """Setting up the hooks' restore interrupted (a KeyboardInterrupt, say) while the plan is built,
+    or after some hooks were registered: the perturbation is undone whole, and no hook is left
+    behind, before the error propagates."""
+    from metarm_fast.kernels import Perturbation
 
     tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2))
     before = snapshot(tr.params)
     zero_grads(tr.params)
     j_pass(tr.model, tr.meta_batch(tr.step_inputs(0)[1]))
 
-    class Broken(ms.RestorePlan):
-        def __init__(self, *a, **k):
-            raise ValueError("injected: hints that do not fit")
+    owner, name = (Perturbation, "restore_plan") if where == "plan" else (torch.Tensor, "register_hook")
+    real, calls = getattr(owner, name), []
 
-    monkeypatch.setattr(ms, "RestorePlan", Broken)
-    with pytest.raises(ValueError, match="hints"):
+    def interrupted(*args, **kwargs):  # the first plan, or the third hook
+        calls.append(name)
+        if len(calls) == (1 if where == "plan" else 3):
+            raise ValueError("injected interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    with pytest.raises(ValueError, match="injected"):
         with tr.meta.perturbed():
             pass
+    assert not any(p._backward_hooks for p in tr.model.parameters())
     assert_bitwise_equal(tr.params, before)
 
 

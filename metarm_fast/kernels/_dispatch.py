@@ -1,11 +1,11 @@
-"""Choosing between a kernel's Triton path and its pure-torch reference.
+"""Choosing between an op's Triton path and its pure-torch path.
 
 Rules, shared by every public op in this package:
 
-* ``impl="auto"`` (the default): CUDA tensors run the Triton kernels (the torch reference where
-  Triton is not installed); tensors on any other device
-  run the torch reference. On the CPU the Triton interpreter is far too slow for training
-  (~1 s per million elements), so CPU training always takes the reference unless asked otherwise.
+* ``impl="auto"`` (the default): CUDA tensors run the Triton kernels (the torch path where Triton
+  is not installed); tensors on any other device run the torch path. On the CPU the Triton
+  interpreter is far too slow for training (~1 s per million elements), so CPU training always
+  takes the torch path unless asked otherwise.
 * ``impl="torch"`` / ``impl="triton"`` force one path. An explicit argument beats the environment.
 * The environment variable ``METARM_FAST_KERNELS`` (``auto`` | ``torch`` | ``triton``) changes
   what ``"auto"`` means, so a whole run can be forced onto one path without touching code.

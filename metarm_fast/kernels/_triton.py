@@ -1,7 +1,7 @@
 """Triton, or a stand-in where it is not installed (it ships Linux wheels only).
 
 Without Triton the kernels' modules still import: ``@triton.jit`` gives an object that refuses to
-launch, and every op's ``impl="auto"`` takes its torch reference (see ``_dispatch``). The
+launch, and every op's ``impl="auto"`` takes its torch path (see ``_dispatch``). The
 annotations (``tl.constexpr``) are never evaluated: the kernel modules use postponed annotations.
 """
 from __future__ import annotations

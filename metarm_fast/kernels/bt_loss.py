@@ -21,7 +21,7 @@ Fusion: the forward kernel reads each pair once, writes dL/dc and dL/dr (fp32) n
 of the loss, so the backward is a scale by the incoming gradient and a cast to the input dtype.
 All arithmetic is fp32 whatever the input dtype (fp32, fp16 or bf16). The loss is reduced without
 atomics: each program writes its partial sum into a buffer, and one program adds the partials in a
-fixed order, so repeated runs give the same bits.
+fixed order (``_partial_sum``, shared with difference_loss), so repeated runs give the same bits.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import resolve_impl
+from ._partial_sum import sum_partials
 from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -122,18 +123,8 @@ def _bt_loss_fwd_bwd_kernel(
     center_grad = 2.0 * center_coef * s
     tl.store(DC_ptr + offs, (center_grad - sig_neg_x) * inv_n, mask=mask)
     tl.store(DR_ptr + offs, (center_grad + sig_neg_x) * inv_n, mask=mask)
-    # One partial per program; added up in a fixed order by _bt_loss_sum_kernel (no atomics).
+    # One partial per program; added up in a fixed order by _partial_sum (no atomics).
     tl.store(PARTIAL_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
-
-
-@triton.jit
-def _bt_loss_sum_kernel(PARTIAL_ptr, OUT_ptr, num_partials, scale, BLOCK_SIZE: tl.constexpr):
-    # A single program walks the partials in order: same bits on every run.
-    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    for start in range(0, num_partials, BLOCK_SIZE):
-        offs = start + tl.arange(0, BLOCK_SIZE)
-        acc += tl.load(PARTIAL_ptr + offs, mask=offs < num_partials, other=0.0)
-    tl.store(OUT_ptr, tl.sum(acc, axis=0) * scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +180,6 @@ def bt_loss_fwd_bwd(chosen, rejected, margin, center_coef):
     dc = torch.empty(n, dtype=torch.float32, device=device)
     dr = torch.empty(n, dtype=torch.float32, device=device)
     partials = torch.empty(num_programs, dtype=torch.float32, device=device)
-    loss = torch.empty((), dtype=torch.float32, device=device)
     has_margin_tensor = isinstance(margin, torch.Tensor)
     # With no margin tensor, chosen stands in as a never-read pointer (HAS_MARGIN_TENSOR=False).
     m_arg = margin if has_margin_tensor else chosen
@@ -206,8 +196,7 @@ def bt_loss_fwd_bwd(chosen, rejected, margin, center_coef):
         HAS_MARGIN_TENSOR=has_margin_tensor,
         BLOCK_SIZE=block,
     )
-    _bt_loss_sum_kernel[(1,)](partials, loss, num_programs, 1.0 / n, BLOCK_SIZE=MAX_BLOCK_SIZE)
-    return loss, dc, dr
+    return sum_partials(partials, 1.0 / n), dc, dr
 
 
 class BTLossFunction(torch.autograd.Function):

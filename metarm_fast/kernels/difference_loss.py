@@ -21,8 +21,9 @@ a >= 0 is computed as t/(1+t)^2 with t = exp(-a): no overflow, and no cancellati
 
 Kernel: one program per prompt. It walks its group in BLOCK_K x BLOCK_K tiles of pairwise
 differences, so k is not limited by the block size. It writes dJ/dr (fp32) for its rows and its
-J_g into a per-prompt buffer; one more program sums that buffer in a fixed order (no atomics), so
-the result is bitwise repeatable. Arithmetic is fp32 for every input dtype.
+J_g into a per-prompt buffer; one more program sums that buffer in a fixed order (no atomics;
+``_partial_sum``, shared with bt_loss), so the result is bitwise repeatable. Arithmetic is fp32
+for every input dtype.
 """
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import resolve_impl
+from ._partial_sum import sum_partials
 from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_K = 64  # a 64 x 64 fp32 tile per step: 16 KiB of registers per program, plenty of work
-SUM_BLOCK_SIZE = 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,16 +108,6 @@ def _difference_loss_fwd_bwd_kernel(
     tl.store(PARTIAL_ptr + g, tl.sum(row_sums, axis=0) / (kf * kf))
 
 
-@triton.jit
-def _difference_loss_sum_kernel(PARTIAL_ptr, OUT_ptr, num_partials, scale, BLOCK_SIZE: tl.constexpr):
-    # One program, fixed order: the same bits on every run (atomics would not be).
-    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    for start in range(0, num_partials, BLOCK_SIZE):
-        offs = start + tl.arange(0, BLOCK_SIZE)
-        acc += tl.load(PARTIAL_ptr + offs, mask=offs < num_partials, other=0.0)
-    tl.store(OUT_ptr, tl.sum(acc, axis=0) * scale)
-
-
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
@@ -173,12 +164,10 @@ def difference_loss_fwd_bwd(rewards, offsets):
     offsets = offsets.contiguous()
     grad = torch.empty(rewards.numel(), dtype=torch.float32, device=device)
     partials = torch.empty(m, dtype=torch.float32, device=device)
-    out = torch.empty((), dtype=torch.float32, device=device)
     _difference_loss_fwd_bwd_kernel[(m,)](
         rewards, rewards.stride(0), offsets, grad, partials, 1.0 / m, BLOCK_K=block_k
     )
-    _difference_loss_sum_kernel[(1,)](partials, out, m, 1.0 / m, BLOCK_SIZE=SUM_BLOCK_SIZE)
-    return out, grad
+    return sum_partials(partials, 1.0 / m), grad
 
 
 class DifferenceLossFunction(torch.autograd.Function):

@@ -17,7 +17,7 @@ like the sign step Adam itself would take there.
     e = eta * d
 
 Every fp32 operation is IEEE round-to-nearest on both paths (tl.sqrt_rn / tl.div_rn in Triton,
-FMA contraction switched off), so the torch reference and the kernel agree bit for bit.
+FMA contraction switched off), so the torch path and the kernel agree bit for bit.
 
 Case A - no master weights (param p in fp32, fp16 or bf16; g held in the grads buffer G).
 round() rounds to the param dtype (round-to-nearest-even), round_G() to the grads dtype:
@@ -59,16 +59,16 @@ two paths on a GPU rests on IEEE fp32 on both sides (sqrt_rn, div_rn, no FMA con
 tests check it under the interpreter and check the compiled PTX for those properties, but no GPU
 run has been made here.
 
-This module holds the rule itself: the statistics' type, the argument checks every path runs, and
-``perturb_oracle_`` / ``restore_oracle_``, the rule above transcribed line by line with no fast
-path, which the tests hold both real paths to. The real paths are ``perturb_torch`` (the CPU
-path) and ``perturb_triton`` (the kernels); ``perturb`` chooses between them.
+This module holds the rule itself: the statistics' type and the argument checks every path runs.
+The paths are ``perturb_torch`` (what CPU training runs) and ``perturb_triton`` (the kernels);
+``perturb`` chooses between them, and ``perturbation`` holds what a call hands back. The tests
+hold both paths to an oracle, the rule above transcribed line by line with no fast path
+(tests/kernel_tests/perturb_oracle.py).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -79,16 +79,20 @@ _BITS_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bflo
 
 @dataclass
 class PerturbStats:
-    """How much of the intended perturbation reached the weights the forward pass uses."""
+    """How much of the intended perturbation reached the weights the forward pass uses.
 
-    numel: int  # elements considered
-    changed: int  # elements whose forward-visible weight (the param tensor) changed
-    intended_sq: float  # sum (eta*d)^2 over finite eta*d (e in fp32, squared and summed in fp64)
-    realised_sq: float  # sum (param_after - param_before)^2, differences and sums in fp64 (exact)
+    The counts and sums come from the perturbation pass itself; the two times are the caller's to
+    fill in (the meta step times its whole perturbation and restore) and do not take part in ==.
+    Stats add up (``a + b``, ``sum(parts, PerturbStats())``): the stats of several calls over
+    disjoint tensors are those of one call over all of them."""
+
+    numel: int = 0  # elements considered
+    changed: int = 0  # elements whose forward-visible weight (the param tensor) changed
+    intended_sq: float = 0.0  # sum (eta*d)^2 over finite eta*d (e in fp32, squared and summed in fp64)
+    realised_sq: float = 0.0  # sum (param_after - param_before)^2, differences and sums in fp64 (exact)
     nonfinite: int = 0  # elements whose eta*d was not finite (left unperturbed)
-    # What the torch path learnt per tensor (case A): the rows it worked on (None: all) and whether every
-    # weight it worked on was finite. RestorePlan(hints=...) then skips finding them again; None elsewhere.
-    restore_hints: Optional[list] = field(default=None, repr=False, compare=False)
+    perturb_s: float = field(default=0.0, compare=False)  # host time of the perturbation
+    restore_s: float = field(default=0.0, compare=False)  # host time of the restore
 
     @property
     def frac_changed(self) -> float:
@@ -98,6 +102,16 @@ class PerturbStats:
     def ratio(self) -> float:
         """Realised over intended perturbation norm; 0 when nothing was intended."""
         return math.sqrt(self.realised_sq / self.intended_sq) if self.intended_sq > 0 else 0.0
+
+    @property
+    def vanished(self) -> bool:
+        """The perturbation was (almost) entirely lost to rounding in the weights the forward pass uses."""
+        return self.intended_sq > 0 and (self.changed == 0 or self.ratio < 0.1)
+
+    def __add__(self, other: "PerturbStats") -> "PerturbStats":
+        if not isinstance(other, PerturbStats):
+            return NotImplemented
+        return PerturbStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,100 +224,3 @@ def _all_tensors(*lists):
     for lst in lists:
         if isinstance(lst, (list, tuple)):
             yield from (t for t in lst if isinstance(t, torch.Tensor))
-
-
-# ----------------------------------------------------------------------------------------------
-# The oracle: the rule above, one tensor at a time, one line per line of the docstring
-# ----------------------------------------------------------------------------------------------
-def _oracle_bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_BITS_VIEW[t.dtype])
-
-
-def _oracle_direction(g: torch.Tensor, v: Optional[torch.Tensor], eps32, bc32) -> torch.Tensor:
-    """d in fp32. The sqrt is taken in fp64 and rounded once to fp32: that is the correctly rounded
-    fp32 sqrt (fp64 carries at least 2 * 24 + 2 bits), which torch's own fp32 sqrt on the CPU is not."""
-    if v is None:
-        return g
-    root = (v / bc32).double().sqrt().float()
-    return g / (torch.maximum(root, g.abs()) + eps32)
-
-
-def perturb_oracle_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    eta: float,
-    *,
-    masters: Optional[Sequence[torch.Tensor]] = None,
-    exp_avg_sq: Optional[Sequence[Optional[torch.Tensor]]] = None,
-    eps: float = 1e-8,
-    bias_correction2: float = 1.0,
-) -> PerturbStats:
-    """perturb_ as the module docstring states it: the yardstick, not a path to train with.
-
-    Every intermediate is a whole tensor and every line is a line of the rule; nothing is skipped,
-    fused or reordered. The scalars are rounded to fp32 first, as the kernel receives them. The
-    squares are summed with math.fsum (correctly rounded), so the real paths' sums may differ from
-    these only by their own rounding. In place, like perturb_; raises like perturb_ on a case B
-    mismatch after perturbing the other elements."""
-    _check_perturb_args(params, grads, eta, masters, exp_avg_sq, eps, bias_correction2)
-    eta32, eps32, bc32 = (torch.tensor(x, dtype=torch.float32) for x in (eta, eps, bias_correction2))
-    numel = changed = nonfinite = 0
-    intended_terms: list[float] = []
-    realised_terms: list[float] = []
-    mismatches = []
-    with torch.no_grad():
-        for i, (param, grad) in enumerate(zip(params, grads)):
-            v = exp_avg_sq[i] if exp_avg_sq is not None else None
-            p = param.float().clone()  # exact widening; a copy, so the writes below cannot reach it
-            g = grad.float().clone()
-            e = eta32 * _oracle_direction(g, v, eps32, bc32)
-            e_finite = torch.isfinite(e)
-            if masters is None:  # case A
-                s = (p + e).to(param.dtype).float()
-                z = (s - p).to(grad.dtype)
-                p1 = (p + z.float()).to(param.dtype)
-                back = (p1.float() - z.float()).to(param.dtype)
-                ok = (z.float() != 0) & torch.isfinite(p1) & (p1.float() != p)
-                ok = ok & (_oracle_bits(back) == _oracle_bits(param))
-                new = p1
-            else:  # case B
-                w = masters[i]
-                check = _oracle_bits(param) == _oracle_bits(w.to(param.dtype))
-                check = check | (torch.isnan(param) & torch.isnan(w))
-                new = (w + e).to(param.dtype)
-                ok = e_finite & torch.isfinite(new) & (new.float() != p) & check
-                if not bool(check.all()):
-                    mismatches.append((i, int((~check).sum())))
-            numel += param.numel()
-            changed += int(ok.sum())
-            nonfinite += int((~e_finite).sum())
-            e64 = e[e_finite].double()
-            intended_terms += (e64 * e64).tolist()
-            # p_after - p_before is 0 where nothing moved (and inf - inf would be NaN): the moved ones.
-            delta = new.double()[ok] - p.double()[ok]
-            realised_terms += (delta * delta).tolist()
-            if masters is None:
-                grad.copy_(torch.where(ok, z, torch.zeros_like(z)))
-            param.copy_(torch.where(ok, new, param))
-    stats = PerturbStats(numel, changed, math.fsum(intended_terms), math.fsum(realised_terms), nonfinite)
-    if mismatches:
-        _raise_mismatch(mismatches)
-    return stats
-
-
-def restore_oracle_(
-    params: Sequence[torch.Tensor],
-    deltas: Optional[Sequence[torch.Tensor]],
-    *,
-    masters: Optional[Sequence[torch.Tensor]] = None,
-) -> None:
-    """restore_ as the module docstring states it: case A p <- (z != 0) ? round(p - z) : p, case B p <- round(w)."""
-    _check_restore_args(params, deltas, masters)
-    with torch.no_grad():
-        for i, param in enumerate(params):
-            if masters is not None:
-                param.copy_(masters[i].to(param.dtype))
-                continue
-            z = deltas[i].float()
-            back = (param.float() - z).to(param.dtype)
-            param.copy_(torch.where(z != 0, back, param))

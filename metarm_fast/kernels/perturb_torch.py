@@ -4,8 +4,9 @@ The same op sequence as the kernels, so the two agree bit for bit, but written f
 memory, since on the CPU each pass costs about as much as the arithmetic: an embedding's row-sparse
 J gradient is worked on row by row, fp32 weights are written in place when that is provably the
 same, and a restore is a single subtraction where no weight can make that differ from the masked
-form. ``_restore_layout`` / ``_restore_one_`` are the restore's two halves, also what
-``RestorePlan`` runs on this path.
+form. The restore is ``TorchRestorePlan``: ``_restore_layout`` works out once what each tensor's
+restore needs (or takes it from the perturbation, which found it while perturbing), and
+``_restore_one_`` restores one tensor.
 """
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from .perturb_spec import _BITS_VIEW, PerturbStats, _check_perturb_args, _check_restore_args, _raise_mismatch
+from .perturb_spec import _BITS_VIEW, PerturbStats, _check_perturb_args, _raise_mismatch
+from .perturbation import Perturbation, RestorePlan
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS_VIEW[t.dtype])
 
 
-def _direction_reference(grad, v, eps, bias_correction2):
+def _direction(grad, v, eps, bias_correction2):
     """d in fp32. torch's CPU fp32 sqrt is not correctly rounded (1 ulp off on ~20% of inputs,
     measured with torch 2.13), so it is taken in fp64 and rounded once: for sqrt, fp64 is wide
     enough that this equals the IEEE fp32 result, which is what tl.sqrt_rn computes."""
@@ -32,7 +34,7 @@ def _direction_reference(grad, v, eps, bias_correction2):
     return g / (torch.maximum(scaled.double().sqrt().float(), g.abs()) + eps)
 
 
-def perturb_reference_(
+def perturb_torch_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     eta: float,
@@ -41,19 +43,22 @@ def perturb_reference_(
     exp_avg_sq: Optional[Sequence[Optional[torch.Tensor]]] = None,
     eps: float = 1e-8,
     bias_correction2: float = 1.0,
-) -> PerturbStats:
-    """perturb_ in plain torch (one tensor at a time). The math is in perturb_spec's docstring."""
+) -> Perturbation:
+    """perturb_ in plain torch (one tensor at a time). The math is in perturb_spec's docstring.
+
+    In case A the perturbation keeps, per tensor, the rows it worked on (None: all) and whether
+    every weight it worked on was finite: its restore then need not find them again."""
     _check_perturb_args(params, grads, eta, masters, exp_avg_sq, eps, bias_correction2)
     eta32 = torch.tensor(eta, dtype=torch.float32)
     numel = changed = nonfinite = 0
     intended_sq = realised_sq = 0.0
     mismatches = []  # (tensor index, count)
-    hints = [] if masters is None else None
+    layout = [] if masters is None else None
     with torch.no_grad():
         for i, (param, grad) in enumerate(zip(params, grads)):
             if param.numel() == 0:
-                if hints is not None:
-                    hints.append((None, True))
+                if layout is not None:
+                    layout.append((None, True))
                 continue
             v = exp_avg_sq[i] if exp_avg_sq is not None else None
             numel += param.numel()
@@ -71,16 +76,17 @@ def perturb_reference_(
             else:
                 w = masters[i] if masters is not None else None
                 c, nf, isq, rsq, finite = _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatches)
-            if hints is not None:
-                hints.append((rows, finite))
+            if layout is not None:
+                layout.append((rows, finite))
             changed += c
             nonfinite += nf
             intended_sq += isq
             realised_sq += rsq
-    stats = PerturbStats(numel, changed, intended_sq, realised_sq, nonfinite, restore_hints=hints)
+    stats = PerturbStats(numel, changed, intended_sq, realised_sq, nonfinite)
     if mismatches:
         _raise_mismatch(mismatches)
-    return stats
+    return Perturbation(stats, params, grads if masters is None else None, masters,
+                        plan_type=TorchRestorePlan, layout=layout)
 
 
 # Below this many elements, or above this fraction of non-zero rows, the row-sparse path saves nothing.
@@ -112,7 +118,7 @@ def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatch
     combined in place and on integer bit patterns, the fp64 statistics are dot products, and the
     general (slower) form of a step runs only when a sum comes out non-finite."""
     p = param.float()
-    e = _direction_reference(grad, v, eps, bias_correction2) * eta32.to(param.device)
+    e = _direction(grad, v, eps, bias_correction2) * eta32.to(param.device)
     if w is None:
         s = (p + e).to(param.dtype).float()
         z = (s - p).to(grad.dtype)
@@ -213,45 +219,66 @@ def _ordered_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 
-def restore_reference_(
+def restore_torch_(
     params: Sequence[torch.Tensor],
     deltas: Optional[Sequence[torch.Tensor]],
     *,
     masters: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
     """restore_ in plain torch: undo perturb_ bit for bit."""
-    _check_restore_args(params, deltas, masters)
-    if masters is None:  # case A: the same restore as the hooks' (rows, finiteness, subnormal mode)
-        rows, plain = _restore_layout(params, deltas)
-        for i in range(len(params)):
-            _restore_one_(params[i], deltas[i], rows[i], plain[i])
-        return
-    with torch.no_grad():
-        for param, master in zip(params, masters):
-            if param.numel():
-                param.copy_(master.to(param.dtype))
+    TorchRestorePlan(params, deltas, masters).restore_all()
 
 
-def _restore_layout(params, deltas, hints: Optional[list] = None):
+class TorchRestorePlan(RestorePlan):
+    """The torch path's RestorePlan: what each tensor's restore needs is worked out here, once.
+
+    Made for restoring inside backward hooks: each hook restores one tensor, at a moment when the
+    caches hold the backward's activations and every torch op costs 2-4x what it costs in a loop
+    (measured on this path: a 256-element restore_ took 96 us in a hook, 37 us outside). So the
+    argument checks, whether this CPU flushes subnormals, the rows of a row-sparse delta and whether
+    a weight is not finite are found once for all tensors (the last two handed over by
+    perturb_torch_ through ``layout``, when the plan comes from its perturbation), and
+    ``restore(i)`` then runs only the restore itself: a single ``p -= z`` for a dense tensor whose
+    weights are all finite. The result is the masked form's, bit for bit.
+    """
+
+    def __init__(self, params, deltas, masters=None, *, layout: Optional[list] = None):
+        super().__init__(params, deltas, masters)
+        if self.masters is None:
+            self._rows, self._plain = _restore_layout(self.params, self.deltas, layout)
+
+    def restore(self, i: int) -> None:
+        p = self.params[i]
+        if self.masters is None:
+            _restore_one_(p, self.deltas[i], self._rows[i], self._plain[i])
+        elif p.numel():
+            with torch.no_grad():
+                p.copy_(self.masters[i].to(p.dtype))
+
+
+def _restore_layout(params, deltas, layout: Optional[list] = None):
     """What restoring each tensor of case A needs, found once for all: (rows, plain), one entry each.
 
     rows[i]: the rows of a row-sparse delta (None: the whole tensor); plain[i]: whether a single
-    ``p -= z`` restores it (subnormals kept by this CPU and every weight finite). ``hints``:
-    ``PerturbStats.restore_hints`` from the perturb_ of these very tensors, which found both already."""
+    ``p -= z`` restores it (subnormals kept by this CPU and every weight finite). ``layout``: the
+    (rows, every weight finite) per tensor that perturb_torch_ found while perturbing these very
+    tensors; without it they are found here."""
     rows: list[Optional[torch.Tensor]] = [None] * len(params)
     plain = [False] * len(params)
     with torch.no_grad():
         kept = _subnormals_kept(params)
-        if hints is not None:
-            for i, (hint_rows, finite) in enumerate(hints):
-                rows[i] = hint_rows
+        if layout is not None:
+            if len(layout) != len(params):
+                raise ValueError(f"restore_: a layout of {len(layout)} entries for {len(params)} params")
+            for i, (found_rows, finite) in enumerate(layout):
+                rows[i] = found_rows
                 plain[i] = kept and finite
             return rows, plain
         dense = []
         for i, (p, z) in enumerate(zip(params, deltas)):
             if p.numel():
                 rows[i] = _sparse_rows(z)
-                if rows[i] is None:  # else only the rows perturb_ moved (see perturb_reference_)
+                if rows[i] is None:  # else only the rows perturb_ moved (see perturb_torch_)
                     dense.append(i)
                 else:
                     plain[i] = kept  # the NaN check is made on the rows, in _restore_block_

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .perturb_spec import _KIND, PerturbStats, _check_perturb_args, _check_restore_args, _raise_mismatch
+from .perturb_spec import _KIND, PerturbStats, _check_perturb_args, _raise_mismatch
+from .perturbation import Perturbation, RestorePlan
 from ._triton import tl, triton
 
 BLOCK_SIZE = 1024
@@ -69,11 +70,10 @@ def _f32_to_bits(x, KIND: tl.constexpr):
 
 
 @triton.jit
-def _program_chunk(CHUNK_TENSOR_ptr, CHUNK_START_ptr, NUMEL_ptr):
-    """This program's chunk: (program id, tensor index, first element, the tensor's size), all int64."""
-    pid = tl.program_id(0).to(tl.int64)
-    tensor = tl.load(CHUNK_TENSOR_ptr + pid).to(tl.int64)
-    return pid, tensor, tl.load(CHUNK_START_ptr + pid), tl.load(NUMEL_ptr + tensor)
+def _chunk(chunk, CHUNK_TENSOR_ptr, CHUNK_START_ptr, NUMEL_ptr):
+    """Chunk ``chunk`` (int64) of the tables: (tensor index, first element, the tensor's size), all int64."""
+    tensor = tl.load(CHUNK_TENSOR_ptr + chunk).to(tl.int64)
+    return tensor, tl.load(CHUNK_START_ptr + chunk), tl.load(NUMEL_ptr + tensor)
 
 
 @triton.jit
@@ -86,7 +86,8 @@ def _perturb_kernel(
     HAS_MASTER: tl.constexpr, HAS_V: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
-    pid, tensor, chunk_start, numel = _program_chunk(CHUNK_TENSOR_ptr, CHUNK_START_ptr, NUMEL_ptr)
+    pid = tl.program_id(0).to(tl.int64)
+    tensor, chunk_start, numel = _chunk(pid, CHUNK_TENSOR_ptr, CHUNK_START_ptr, NUMEL_ptr)
     P = _typed_ptr(tl.load(P_ADDR_ptr + tensor), P_KIND)
     G = _typed_ptr(tl.load(G_ADDR_ptr + tensor), G_KIND)
     if HAS_MASTER:
@@ -112,7 +113,7 @@ def _perturb_kernel(
         g = _bits_to_f32(tl.load(G + offs, mask=mask, other=0), G_KIND)
         if HAS_V:
             v = tl.load(V + offs, mask=mask, other=1.0)
-            # _rn: IEEE rounding, as the torch reference; the default sqrt/div are approximate.
+            # _rn: IEEE rounding, as on the torch path; the default sqrt/div are approximate.
             d = tl.div_rn(g, tl.maximum(tl.sqrt_rn(tl.div_rn(v, bias_correction2)), tl.abs(g)) + eps)
         else:
             d = g
@@ -155,14 +156,18 @@ def _perturb_kernel(
     tl.store(STATS_ptr + 4 * num_chunks + pid, tl.sum(acc_mismatch, axis=0))
 
 
-@triton.jit
+# first_chunk is not specialised on: its value changes from hook to hook, and a specialisation
+# (== 1, divisible by 16) would compile up to three variants of the kernel for one job.
+@triton.jit(do_not_specialize=["first_chunk"])
 def _restore_kernel(
     P_ADDR_ptr, Z_ADDR_ptr, M_ADDR_ptr, NUMEL_ptr,
-    CHUNK_TENSOR_ptr, CHUNK_START_ptr,
+    CHUNK_TENSOR_ptr, CHUNK_START_ptr, first_chunk,
     P_KIND: tl.constexpr, Z_KIND: tl.constexpr, HAS_MASTER: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
-    pid, tensor, chunk_start, numel = _program_chunk(CHUNK_TENSOR_ptr, CHUNK_START_ptr, NUMEL_ptr)
+    # Program k restores chunk first_chunk + k: a launch covers a run of chunks (one tensor's, or all).
+    chunk = first_chunk.to(tl.int64) + tl.program_id(0).to(tl.int64)
+    tensor, chunk_start, numel = _chunk(chunk, CHUNK_TENSOR_ptr, CHUNK_START_ptr, NUMEL_ptr)
     P = _typed_ptr(tl.load(P_ADDR_ptr + tensor), P_KIND)
     if HAS_MASTER:
         M = tl.load(M_ADDR_ptr + tensor).to(tl.pointer_type(tl.float32))
@@ -186,18 +191,23 @@ def _restore_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host side: tables, launches
 # ----------------------------------------------------------------------------------------------
-def _chunk_tables(numels: list[int], device):
-    """(chunk -> tensor index, chunk -> first element) for tensors of these sizes."""
+def _chunk_tables(numels: list[int]):
+    """(chunk -> tensor index, chunk -> first element) for tensors of these sizes, int64, on the host."""
     counts = torch.tensor([triton.cdiv(n, CHUNK) for n in numels], dtype=torch.int64)
     chunk_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
     first_chunk = torch.cumsum(counts, 0) - counts  # (T,)
     chunk_start = (torch.arange(chunk_tensor.numel(), dtype=torch.int64) - first_chunk[chunk_tensor]) * CHUNK
-    return chunk_tensor.to(torch.int32).to(device), chunk_start.to(device)
+    return chunk_tensor, chunk_start
+
+
+def _addresses(tensors) -> torch.Tensor:
+    """The tensors' raw addresses (0 for None), int64, on the host. The caller keeps the tensors alive
+    until every launch reading them has been queued."""
+    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
 def _addr_table(tensors, device):
-    # Raw addresses; the caller's lists keep the tensors alive until the launch has been queued.
-    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64).to(device)
+    return _addresses(tensors).to(device)
 
 
 def _groups(params, keys):
@@ -212,8 +222,12 @@ def _groups(params, keys):
 def perturb_triton_(params, grads, eta, *, masters=None, exp_avg_sq=None, eps=1e-8, bias_correction2=1.0):
     """Host launcher of _perturb_kernel: one launch per (param dtype, grads dtype, has v) group."""
     _check_perturb_args(params, grads, eta, masters, exp_avg_sq, eps, bias_correction2)
+
+    def perturbation(stats):
+        return Perturbation(stats, params, grads if masters is None else None, masters, plan_type=TritonRestorePlan)
+
     if not params:
-        return PerturbStats(0, 0, 0.0, 0.0, 0)
+        return perturbation(PerturbStats())
     device = params[0].device
     has_v = [exp_avg_sq is not None and exp_avg_sq[i] is not None for i in range(len(params))]
     keys = [(_KIND[p.dtype], _KIND[g.dtype], hv) for p, g, hv in zip(params, grads, has_v)]
@@ -221,7 +235,8 @@ def perturb_triton_(params, grads, eta, *, masters=None, exp_avg_sq=None, eps=1e
     for (p_kind, g_kind, hv), idx in _groups(params, keys).items():
         p_table = _addr_table([params[i] for i in idx], device)
         numel = torch.tensor([params[i].numel() for i in idx], dtype=torch.int64).to(device)
-        chunk_tensor, chunk_start = _chunk_tables([params[i].numel() for i in idx], device)
+        chunk_tensor, chunk_start = _chunk_tables([params[i].numel() for i in idx])
+        chunk_tensor, chunk_start = chunk_tensor.to(torch.int32).to(device), chunk_start.to(device)
         num_chunks = chunk_tensor.numel()
         stats = torch.empty(_NUM_STATS, num_chunks, dtype=torch.float64, device=device)
         _perturb_kernel[(num_chunks,)](
@@ -234,12 +249,12 @@ def perturb_triton_(params, grads, eta, *, masters=None, exp_avg_sq=None, eps=1e
             float(eta), float(eps), float(bias_correction2),
             P_KIND=p_kind, G_KIND=g_kind, HAS_MASTER=masters is not None, HAS_V=hv,
             BLOCK_SIZE=BLOCK_SIZE, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
-            # No FMA contraction of eta*d + p: the reference rounds the product first.
+            # No FMA contraction of eta*d + p: the torch path rounds the product first.
             enable_fp_fusion=False,
         )
         launched.append((idx, chunk_tensor, stats))
     if not launched:  # every tensor empty: nothing to launch
-        return PerturbStats(0, 0, 0.0, 0.0, 0)
+        return perturbation(PerturbStats())
     # One device-to-host copy for all groups.
     totals = torch.stack([s.sum(dim=1) for _, _, s in launched]).sum(dim=0).tolist()
     stats_out = PerturbStats(
@@ -256,29 +271,87 @@ def perturb_triton_(params, grads, eta, *, masters=None, exp_avg_sq=None, eps=1e
                 i = idx[int(chunk_tensor[c])]
                 per_tensor[i] = per_tensor.get(i, 0) + int(s[_S_MISMATCH, c])
         _raise_mismatch(sorted(per_tensor.items()))
-    return stats_out
+    return perturbation(stats_out)
 
 
 def restore_triton_(params, deltas, *, masters=None):
     """Host launcher of _restore_kernel: one launch per (param dtype, deltas dtype) group."""
-    _check_restore_args(params, deltas, masters)
-    if not params:
-        return
-    device = params[0].device
-    if masters is not None:
-        keys = [(_KIND[p.dtype], 0) for p in params]
-    else:
-        keys = [(_KIND[p.dtype], _KIND[z.dtype]) for p, z in zip(params, deltas)]
-    for (p_kind, z_kind), idx in _groups(params, keys).items():
-        p_table = _addr_table([params[i] for i in idx], device)
-        chunk_tensor, chunk_start = _chunk_tables([params[i].numel() for i in idx], device)
-        _restore_kernel[(chunk_tensor.numel(),)](
+    TritonRestorePlan(params, deltas, masters).restore_all()
+
+
+class TritonRestorePlan(RestorePlan):
+    """The Triton path's RestorePlan: the device tables are built and uploaded here, once.
+
+    The tables (per group of tensors sharing (param dtype, deltas dtype): the tensors' addresses,
+    sizes, and the chunk -> (tensor, first element) map) are packed into one host tensor and copied
+    to the device in one go. ``restore_all()`` is then one launch per group over all its chunks;
+    ``restore(i)``, what each backward hook runs, one launch over tensor i's run of chunks
+    (``first_chunk`` and a grid of its chunk count), reading the same tables. A hook thus runs no
+    argument check, makes no tensor and copies nothing to the device.
+
+    Why it matters on a GPU (reasoned, not measured here: no GPU run has been made): a table built
+    per call is a ``torch.tensor(...).to(device)`` from pageable host memory, which torch makes a
+    synchronous copy: the host waits until the stream has drained. Inside the backward pass that
+    would stall the host at every parameter -- hundreds of times a step -- while it should be
+    queueing the next kernels, serialising host and device. Here the only copy is made when the plan
+    is built, before the L pass, and each hook only queues a kernel (Triton's own launch overhead,
+    tens of microseconds of host time, remains). The plan holds the tensors whose raw addresses the
+    tables hold, so they outlive every launch queued from it.
+    """
+
+    def __init__(self, params, deltas, masters=None):
+        super().__init__(params, deltas, masters)
+        self._groups = []  # per group: (tables, num_chunks, P_KIND, Z_KIND)
+        self._where: list = [None] * len(self.params)  # per tensor: (group, first chunk, chunk count); None if empty
+        if not self.params:
+            return
+        has_master = self.masters is not None
+        if has_master:
+            keys = [(_KIND[p.dtype], 0) for p in self.params]
+        else:
+            keys = [(_KIND[p.dtype], _KIND[z.dtype]) for p, z in zip(self.params, self.deltas)]
+        host, size = [], 0  # int64 segments, each padded to 16 bytes: Triton specialises pointers on 16-byte alignment
+        groups = []  # per group: (spans of its 5 tables in ``host``, num_chunks, P_KIND, Z_KIND)
+        others = self.masters if has_master else self.deltas
+        for g, ((p_kind, z_kind), idx) in enumerate(_groups(self.params, keys).items()):
+            numels = [self.params[i].numel() for i in idx]
+            chunk_tensor, chunk_start = _chunk_tables(numels)
+            spans = []
+            for table in (_addresses([self.params[i] for i in idx]), _addresses([others[i] for i in idx]),
+                          torch.tensor(numels, dtype=torch.int64), chunk_tensor, chunk_start):
+                spans.append((size, table.numel()))
+                host += [table, torch.zeros(table.numel() % 2, dtype=torch.int64)]
+                size += table.numel() + table.numel() % 2
+            groups.append((spans, chunk_tensor.numel(), p_kind, z_kind))
+            first = 0
+            for i, n in zip(idx, numels):
+                count = triton.cdiv(n, CHUNK)
+                self._where[i] = (g, first, count)
+                first += count
+        if not groups:  # every tensor empty: nothing to restore
+            return
+        tables = torch.cat(host).to(self.params[0].device)  # the plan's one host-to-device copy
+        for spans, num_chunks, p_kind, z_kind in groups:
+            self._groups.append(([tables[start:start + n] for start, n in spans], num_chunks, p_kind, z_kind))
+
+    def _launch(self, group: int, first_chunk: int, num_chunks: int) -> None:
+        (p_table, other_table, numel, chunk_tensor, chunk_start), _, p_kind, z_kind = self._groups[group]
+        has_master = self.masters is not None
+        _restore_kernel[(num_chunks,)](
             p_table,
-            _addr_table([deltas[i] for i in idx], device) if masters is None else p_table,
-            _addr_table([masters[i] for i in idx], device) if masters is not None else p_table,
-            torch.tensor([params[i].numel() for i in idx], dtype=torch.int64).to(device),
-            chunk_tensor, chunk_start,
-            P_KIND=p_kind, Z_KIND=z_kind, HAS_MASTER=masters is not None,
+            p_table if has_master else other_table,
+            other_table if has_master else p_table,
+            numel, chunk_tensor, chunk_start, first_chunk,
+            P_KIND=p_kind, Z_KIND=z_kind, HAS_MASTER=has_master,
             BLOCK_SIZE=BLOCK_SIZE, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
             enable_fp_fusion=False,
         )
+
+    def restore(self, i: int) -> None:
+        where = self._where[i]
+        if where is not None:
+            self._launch(*where)
+
+    def restore_all(self) -> None:
+        for g, (_, num_chunks, _, _) in enumerate(self._groups):
+            self._launch(g, 0, num_chunks)

@@ -207,8 +207,8 @@ def test_compiles_for_a100():
                 "constexprs": {"HAS_MARGIN_TENSOR": has_margin, "BLOCK_SIZE": 1024},
             })
     specs.append({
-        "module": "metarm_fast.kernels.bt_loss",
-        "kernel": "_bt_loss_sum_kernel",
+        "module": "metarm_fast.kernels._partial_sum",
+        "kernel": "_partial_sum_kernel",
         "signature": {"PARTIAL_ptr": "*fp32", "OUT_ptr": "*fp32", "num_partials": "i32", "scale": "fp32",
                       "BLOCK_SIZE": "constexpr"},
         "constexprs": {"BLOCK_SIZE": 1024},

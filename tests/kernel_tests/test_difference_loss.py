@@ -194,8 +194,8 @@ def test_compiles_for_a100():
         for block_k in (16, 64)
     ]
     specs.append({
-        "module": "metarm_fast.kernels.difference_loss",
-        "kernel": "_difference_loss_sum_kernel",
+        "module": "metarm_fast.kernels._partial_sum",
+        "kernel": "_partial_sum_kernel",
         "signature": {"PARTIAL_ptr": "*fp32", "OUT_ptr": "*fp32", "num_partials": "i32", "scale": "fp32",
                       "BLOCK_SIZE": "constexpr"},
         "constexprs": {"BLOCK_SIZE": 1024},

@@ -4,19 +4,14 @@ import math
 import pytest
 import torch
 
-from metarm_fast.kernels import (
-    PerturbStats,
-    RestorePlan,
-    perturb_,
-    perturb_oracle_,
-    perturb_reference_,
-    restore_,
-    restore_oracle_,
-    restore_reference_,
-)
+from metarm_fast.kernels import Perturbation, PerturbStats, perturb_, restore_
+from metarm_fast.kernels import perturb_triton as triton_path
+from metarm_fast.kernels import perturbation as perturbation_module
 from metarm_fast.kernels._dispatch import is_interpreted
-from metarm_fast.kernels.perturb_triton import CHUNK, _perturb_kernel, perturb_triton_, restore_triton_
+from metarm_fast.kernels.perturb_torch import TorchRestorePlan, perturb_torch_, restore_torch_
+from metarm_fast.kernels.perturb_triton import CHUNK, TritonRestorePlan, _perturb_kernel, perturb_triton_, restore_triton_
 from tests.kernel_tests.gpu_compile import compile_for_sm80
+from tests.kernel_tests.perturb_oracle import perturb_oracle_, restore_oracle_
 
 # The interpreter evaluates kernels with numpy, which warns when the special values below
 # overflow or produce NaN inside a where() branch that is then discarded. Expected; not a bug.
@@ -146,9 +141,10 @@ def test_restore_is_bitwise_and_impls_agree(arrangement, with_v, eta):
     results = {}
     for impl in ("torch", "triton"):
         p, g, m, v = _clone(params), _clone(grads), _clone(masters), _clone(vs)
-        stats = perturb_(p, g, eta, masters=m, exp_avg_sq=v, impl=impl)
+        perturbation = perturb_(p, g, eta, masters=m, exp_avg_sq=v, impl=impl)
+        stats = perturbation.stats
         after_p, after_g = _clone(p), _clone(g)
-        restore_(p, None if master else g, masters=m, impl=impl)
+        perturbation.restore()
         _assert_bitwise(p, params, f"{impl} restore")  # the weights are back, bit for bit
         if master:
             _assert_bitwise(g, grads, f"{impl} grads untouched")
@@ -172,7 +168,7 @@ def test_preconditioning_options_agree():
     out = {}
     for impl in ("torch", "triton"):
         p, g = _clone(params), _clone(grads)
-        stats = perturb_(p, g, 1e-3, exp_avg_sq=vs, eps=1e-3, bias_correction2=0.37, impl=impl)
+        stats = perturb_(p, g, 1e-3, exp_avg_sq=vs, eps=1e-3, bias_correction2=0.37, impl=impl).stats
         _assert_stats_close(stats, _direct_stats(params, p, grads, vs, 1e-3, 1e-3, 0.37), impl)
         out[impl] = p
     _assert_bitwise(out["triton"], out["torch"], "eps/bias_correction2")
@@ -181,25 +177,25 @@ def test_preconditioning_options_agree():
 def test_how_much_of_the_perturbation_survives_rounding():
     # Weights ~N(0, .02^2), grads ~N(0, .01^2), eta = 5e-6: eta*g changes 0.06% of the
     # weights in bf16, 0.46% in fp16, 98.9% in fp32; a sign step (d = g/sqrt(g^2)) of size eta
-    # changes 7.8% in bf16, 57% in fp16, 100% in fp32. The reference path runs 1M elements.
+    # changes 7.8% in bf16, 57% in fp16, 100% in fp32. The torch path runs 1M elements.
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(1 << 20, generator=gen) * 0.02
     g = torch.randn(1 << 20, generator=gen) * 0.01
     expect = {FP32: (0.989, 1.0), FP16: (0.0046, 0.57), BF16: (0.0006, 0.078)}
     for dtype, (plain, sign) in expect.items():
         # .clone(): .to(float32) would return w and g themselves, and perturb_ writes into both.
-        stats = perturb_([w.to(dtype).clone()], [g.to(dtype).clone()], 5e-6, impl="torch")
+        stats = perturb_([w.to(dtype).clone()], [g.to(dtype).clone()], 5e-6, impl="torch").stats
         assert stats.frac_changed == pytest.approx(plain, rel=0.15), (dtype, stats)
-        stats = perturb_([w.to(dtype).clone()], [g.to(dtype).clone()], 5e-6, exp_avg_sq=[g * g], eps=0.0, impl="torch")
+        stats = perturb_([w.to(dtype).clone()], [g.to(dtype).clone()], 5e-6, exp_avg_sq=[g * g], eps=0.0, impl="torch").stats
         assert stats.frac_changed == pytest.approx(sign, rel=0.05), (dtype, stats)
     # With an fp32 master, a compute weight moves by one bf16 spacing with probability
     # ~|e|/spacing: few weights move, each by far more than e, so the norm ratio exceeds 1.
     small = slice(0, 1 << 16)
-    stats = perturb_([w[small].to(BF16)], [g[small]], 5e-6, masters=[w[small].clone()], impl="triton")
+    stats = perturb_([w[small].to(BF16)], [g[small]], 5e-6, masters=[w[small].clone()], impl="triton").stats
     assert 0 < stats.frac_changed < 0.01 and stats.ratio > 1.0
     # The same numbers on the Triton path, on a smaller tensor.
-    stats_t = perturb_([w[small].to(BF16)], [g[small].to(BF16)], 5e-6, impl="triton")
-    stats_r = perturb_([w[small].to(BF16)], [g[small].to(BF16)], 5e-6, impl="torch")
+    stats_t = perturb_([w[small].to(BF16)], [g[small].to(BF16)], 5e-6, impl="triton").stats
+    stats_r = perturb_([w[small].to(BF16)], [g[small].to(BF16)], 5e-6, impl="torch").stats
     assert stats_t.changed == stats_r.changed and 0 < stats_t.frac_changed < 0.002
     assert stats_t.ratio < 0.2  # bf16 without a master: most of the step vanished, and it says so
 
@@ -208,7 +204,7 @@ def test_nonfinite_steps_are_skipped_and_counted():
     p = torch.tensor([0.5, 0.5, 0.5, 0.5])
     for impl in ("torch", "triton"):
         params, grads = [p.clone()], [torch.tensor([float("inf"), float("nan"), 1.0, 3e38])]
-        stats = perturb_(params, grads, 10.0, impl=impl)  # 10 * 3e38 overflows: not finite either
+        stats = perturb_(params, grads, 10.0, impl=impl).stats  # 10 * 3e38 overflows: not finite either
         assert stats.nonfinite == 3 and stats.changed == 1, impl
         assert torch.equal(params[0], torch.tensor([0.5, 0.5, 10.5, 0.5]))
         assert stats.intended_sq == pytest.approx(100.0) and stats.ratio == pytest.approx(1.0)
@@ -218,11 +214,18 @@ def test_stats_properties_and_empty():
     assert PerturbStats(0, 0, 0.0, 0.0).frac_changed == 0.0
     assert PerturbStats(10, 5, 0.0, 0.0).ratio == 0.0
     assert PerturbStats(10, 5, 4.0, 1.0).ratio == 0.5 and PerturbStats(10, 5, 4.0, 1.0).frac_changed == 0.5
+    assert not PerturbStats().vanished and not PerturbStats(10, 5, 4.0, 1.0).vanished
+    assert PerturbStats(10, 0, 4.0, 0.0).vanished and PerturbStats(10, 5, 4.0, 1e-3).vanished  # ratio 0.016
+    # Stats add up field by field; the host times are carried along but are not part of ==.
+    a, b = PerturbStats(10, 5, 4.0, 1.0, 1, perturb_s=0.5), PerturbStats(6, 1, 1.0, 2.0, 0, restore_s=0.25)
+    total = a + b
+    assert total == PerturbStats(16, 6, 5.0, 3.0, 1) and (total.perturb_s, total.restore_s) == (0.5, 0.25)
+    assert sum([a, b], PerturbStats()) == total and a == PerturbStats(10, 5, 4.0, 1.0, 1)
     for impl in ("torch", "triton"):
-        assert perturb_([], [], 1e-3, impl=impl) == PerturbStats(0, 0, 0.0, 0.0, 0)
+        assert perturb_([], [], 1e-3, impl=impl).stats == PerturbStats(0, 0, 0.0, 0.0, 0)
         restore_([], [], impl=impl)
         p, g = torch.zeros(0), torch.zeros(0)  # an empty tensor among others is skipped
-        stats = perturb_([p, torch.ones(3)], [g, torch.ones(3)], 0.25, impl=impl)
+        stats = perturb_([p, torch.ones(3)], [g, torch.ones(3)], 0.25, impl=impl).stats
         assert stats.numel == 3 and stats.changed == 3
 
 
@@ -245,7 +248,7 @@ def test_nan_master_is_not_a_mismatch(impl):
     # cast and the kernel's rounding, so only NaN-ness is compared after the restore).
     w = torch.tensor([0.5, float("nan"), -0.25])
     params = [w.to(BF16)]
-    stats = perturb_(params, [torch.ones(3)], 0.5, masters=[w], impl=impl)
+    stats = perturb_(params, [torch.ones(3)], 0.5, masters=[w], impl=impl).stats
     assert stats.changed == 2 and torch.isnan(params[0][1])
     restore_(params, None, masters=[w], impl=impl)
     assert torch.isnan(params[0][1]) and torch.equal(params[0][[0, 2]], w[[0, 2]].to(BF16))
@@ -255,7 +258,7 @@ def test_zero_eta_changes_nothing():
     params, grads, _, _ = _problem(BF16, BF16, False, False, special=False)
     for impl in ("torch", "triton"):
         p, g = _clone(params), _clone(grads)
-        stats = perturb_(p, g, 0.0, impl=impl)
+        stats = perturb_(p, g, 0.0, impl=impl).stats
         assert stats.changed == 0 and stats.intended_sq == 0.0 and stats.ratio == 0.0
         _assert_bitwise(p, params, impl)
         assert all((gi == 0).all() for gi in g)
@@ -310,9 +313,9 @@ def test_launchers_check_inputs_themselves():
     with pytest.raises(ValueError, match="deltas"):
         restore_triton_([torch.zeros(2)], None)
     with pytest.raises(ValueError, match="grads has 0 entries"):
-        perturb_reference_([torch.zeros(2)], [], 1e-3)
+        perturb_torch_([torch.zeros(2)], [], 1e-3)
     with pytest.raises(ValueError, match="deltas"):
-        restore_reference_([torch.zeros(2)], None)
+        restore_torch_([torch.zeros(2)], None)
 
 
 def test_compiles_for_a100():
@@ -322,8 +325,8 @@ def test_compiles_for_a100():
            "P_KIND": "constexpr", "G_KIND": "constexpr", "HAS_MASTER": "constexpr", "HAS_V": "constexpr",
            "BLOCK_SIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr"}
     rsig = {"P_ADDR_ptr": "*i64", "Z_ADDR_ptr": "*i64", "M_ADDR_ptr": "*i64", "NUMEL_ptr": "*i64",
-            "CHUNK_TENSOR_ptr": "*i32", "CHUNK_START_ptr": "*i64", "P_KIND": "constexpr", "Z_KIND": "constexpr",
-            "HAS_MASTER": "constexpr", "BLOCK_SIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr"}
+            "CHUNK_TENSOR_ptr": "*i64", "CHUNK_START_ptr": "*i64", "first_chunk": "i32", "P_KIND": "constexpr",
+            "Z_KIND": "constexpr", "HAS_MASTER": "constexpr", "BLOCK_SIZE": "constexpr", "BLOCKS_PER_PROGRAM": "constexpr"}
     common = {"BLOCK_SIZE": 1024, "BLOCKS_PER_PROGRAM": 8}
     specs = []
     for kind in (0, 1, 2):
@@ -337,7 +340,7 @@ def test_compiles_for_a100():
                           "options": {"enable_fp_fusion": False}})
     for spec, result in zip(specs, compile_for_sm80(specs)):
         assert result["cubin_bytes"] > 0
-        # Bitwise agreement with the torch reference needs unfused multiply-adds and IEEE sqrt/div.
+        # Bitwise agreement with the torch path needs unfused multiply-adds and IEEE sqrt/div.
         assert result["count"]["fma.rn.f32"] == 0, result
         if spec["constexprs"].get("HAS_V"):
             assert result["count"]["sqrt.rn.f32"] > 0 and result["count"]["div.rn.f32"] > 0, result
@@ -364,7 +367,7 @@ def test_row_sparse_gradient_takes_the_sparse_path_and_agrees_bitwise(dtype):
     results = {}
     for impl in ("torch", "triton"):
         p, gg = w.clone(), g.clone()
-        stats = perturb_([p], [gg], 1e-3, impl=impl)
+        stats = perturb_([p], [gg], 1e-3, impl=impl).stats
         results[impl] = (p.clone(), gg.clone(), stats)
         restore_([p], [gg], impl=impl)
         assert torch.equal(_bits(p), _bits(w))
@@ -376,7 +379,7 @@ def test_row_sparse_gradient_takes_the_sparse_path_and_agrees_bitwise(dtype):
     assert math.isclose(st.realised_sq, sk.realised_sq, rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("how", ("restore_", "RestorePlan", "hinted"))
+@pytest.mark.parametrize("how", ("restore_", "found", "handed over"))
 @pytest.mark.parametrize("dtype", (FP32, BF16))
 def test_restore_is_bitwise_with_subnormals_flushed(dtype, how):
     """torch.set_flush_denormal(True) makes the CPU read subnormal inputs as zero, so p - 0 is no
@@ -399,12 +402,12 @@ def test_restore_is_bitwise_with_subnormals_flushed(dtype, how):
         pytest.skip("this CPU cannot flush subnormals")
     try:
         p, gg = _clone(weights), _clone(steps)
-        stats = perturb_(p, gg, 1e-3, impl="torch")
+        perturbation = perturb_(p, gg, 1e-3, impl="torch")
         assert not any(torch.equal(_bits(a), _bits(b)) for a, b in zip(p, weights))
         if how == "restore_":
             restore_(p, gg, impl="torch")
         else:
-            plan = RestorePlan(p, gg, impl="torch", hints=stats.restore_hints if how == "hinted" else None)
+            plan = TorchRestorePlan(p, gg) if how == "found" else perturbation.restore_plan()
             plan.restore(1)
             plan.restore(0)
     finally:
@@ -412,15 +415,16 @@ def test_restore_is_bitwise_with_subnormals_flushed(dtype, how):
     _assert_bitwise(p, weights, f"{how} with subnormals flushed")
 
 
-@pytest.mark.parametrize("hinted", (False, True), ids=("found", "hinted"))
+@pytest.mark.parametrize("handed_over", (False, True), ids=("found", "handed over"))
 @pytest.mark.parametrize("impl", ("torch", "triton"))
 @pytest.mark.parametrize("arrangement", [a for a, (_, _, master) in ARRANGEMENTS.items() if not master])
-def test_restore_plan_gives_back_each_tensor_bitwise(arrangement, impl, hinted):
-    """RestorePlan, what the backward hooks use (one tensor at a time, the checks made once): the
-    weights come back bit for bit over the special values, NaN weights (which must not take the
+def test_restore_plan_gives_back_each_tensor_bitwise(arrangement, impl, handed_over):
+    """A RestorePlan, what the backward hooks use (one tensor at a time, the per-call work done once):
+    the weights come back bit for bit over the special values, NaN weights (which must not take the
     single-subtraction form), and a row-sparse tensor with a NaN weight in a hot row, restored in
-    the order a backward pass reaches them (last first). With the rows and finiteness found by the
-    plan itself, or handed over by perturb_ (the torch path's restore_hints; Triton gives none)."""
+    the order a backward pass reaches them (last first). The plan of the path that perturbed, handed
+    over by the perturbation (on the torch path with the rows and finiteness it found while
+    perturbing), or built from the tensors alone (which finds them itself)."""
     p_dtype, g_dtype, _ = ARRANGEMENTS[arrangement]
     params, grads, _, _ = _problem(p_dtype, g_dtype, False, False)
     gen = torch.Generator().manual_seed(11)
@@ -431,11 +435,12 @@ def test_restore_plan_gives_back_each_tensor_bitwise(arrangement, impl, hinted):
     params.append(emb)
     grads.append(emb_g.to(g_dtype))
     p, g = _clone(params), _clone(grads)
-    stats = perturb_(p, g, 0.5, impl=impl)
-    assert (stats.restore_hints is not None) == (impl == "torch")
+    perturbation = perturb_(p, g, 0.5, impl=impl)
     moved = [not torch.equal(_bits(a), _bits(b)) for a, b in zip(p, params)]
     assert all(moved[2:]), moved  # the 1- and 3-element tensors hold only values no step can move
-    plan = RestorePlan(p, g, impl=impl, hints=stats.restore_hints if hinted else None)
+    plan_type = TorchRestorePlan if impl == "torch" else TritonRestorePlan
+    plan = perturbation.restore_plan() if handed_over else plan_type(p, g)
+    assert type(plan) is plan_type
     if impl == "torch":  # both forms are exercised: finite dense tensors subtract, the others mask
         assert True in plan._plain and False in plan._plain and plan._rows[-1] is not None
     for i in reversed(range(len(p))):
@@ -444,10 +449,64 @@ def test_restore_plan_gives_back_each_tensor_bitwise(arrangement, impl, hinted):
 
 
 def test_restore_plan_checks_its_inputs():
-    with pytest.raises(ValueError, match="deltas has 1"):
-        RestorePlan([torch.zeros(3), torch.zeros(4)], [torch.zeros(3)])
-    with pytest.raises(ValueError, match="1 hints for 2 params"):
-        RestorePlan([torch.zeros(3), torch.zeros(4)], [torch.zeros(3), torch.zeros(4)], impl="torch", hints=[(None, True)])
+    for plan_type in (TorchRestorePlan, TritonRestorePlan):
+        with pytest.raises(ValueError, match="deltas has 1"):
+            plan_type([torch.zeros(3), torch.zeros(4)], [torch.zeros(3)])
+    with pytest.raises(ValueError, match="a layout of 1 entries for 2 params"):
+        TorchRestorePlan([torch.zeros(3), torch.zeros(4)], [torch.zeros(3), torch.zeros(4)], layout=[(None, True)])
+
+
+@pytest.mark.parametrize("master", (False, True), ids=("no master", "master"))
+def test_triton_restore_plan_does_its_per_call_work_once(master, monkeypatch):
+    """What each backward hook runs on Triton, restore(i), checks nothing and builds no table: the
+    checks and the tables (one host-to-device copy for all of them) are the plan's, made once. Here
+    every helper that checks or builds is counted, and must not run again after the plan is built.
+    Two dtype groups, an empty tensor and a tensor over several chunks; the result is bitwise."""
+    gen = torch.Generator().manual_seed(23)
+    sizes = (5, 0, 2 * CHUNK + 3, 700)
+    dtypes = (BF16, FP32, BF16, FP32)
+    w = [torch.randn(n, generator=gen) * 0.02 for n in sizes]
+    params = [t.to(dt) for t, dt in zip(w, dtypes)]
+    grads = [(torch.randn(n, generator=gen) * 0.01).to(dt) for n, dt in zip(sizes, dtypes)]
+    p, g = _clone(params), _clone(grads)
+    perturbation = perturb_(p, g, 0.1, masters=_clone(w) if master else None, impl="triton")
+    assert all(not torch.equal(_bits(a), _bits(b)) for a, b in zip(p, params) if a.numel())
+    calls = []
+    for module, name in ((perturbation_module, "_check_restore_args"), (triton_path, "_addresses"),
+                         (triton_path, "_chunk_tables"), (triton_path, "_groups")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    plan = perturbation.restore_plan()
+    built = len(calls)
+    assert set(calls) == {"_check_restore_args", "_addresses", "_chunk_tables", "_groups"}
+    tables = [t for group in plan._groups for t in group[0]]
+    assert len(plan._groups) == 2 and len({t.untyped_storage().data_ptr() for t in tables}) == 1  # one copy
+    assert all(t.data_ptr() % 16 == 0 for t in tables)  # one specialisation of the kernel's pointers
+    for i in reversed(range(len(p))):
+        plan.restore(i)
+    assert len(calls) == built, calls[built:]
+    _assert_bitwise(p, params, "triton plan")
+
+
+@pytest.mark.parametrize("impl", ("torch", "triton"))
+def test_perturbations_concatenate(impl):
+    """Perturbation.concat, what the meta step does when it perturbs one tensor at a time: the stats
+    are those of one call over all the tensors, and the joined plan restores every tensor bitwise."""
+    params, grads, _, vs = _problem(BF16, BF16, False, True, special=False)
+    p, g = _clone(params), _clone(grads)
+    whole = perturb_(p, g, 0.5, exp_avg_sq=vs, impl=impl).stats
+    p, g = _clone(params), _clone(grads)
+    parts = [perturb_([p[i]], [g[i]], 0.5, exp_avg_sq=[vs[i]], impl=impl) for i in range(len(p))]
+    joined = Perturbation.concat(parts)
+    assert (joined.stats.numel, joined.stats.changed, joined.stats.nonfinite) == (whole.numel, whole.changed, whole.nonfinite)
+    assert math.isclose(joined.stats.realised_sq, whole.realised_sq, rel_tol=1e-12)
+    assert math.isclose(joined.stats.intended_sq, whole.intended_sq, rel_tol=1e-12)
+    plan = joined.restore_plan()
+    for i in reversed(range(len(p))):
+        plan.restore(i)
+    _assert_bitwise(p, params, f"{impl} concatenated plan")
+    with pytest.raises(ValueError, match="one path and one case"):
+        Perturbation.concat([parts[0], perturb_([torch.ones(2)], [torch.ones(2)], 0.5, impl="torch" if impl == "triton" else "triton")])
 
 
 def test_fp32_moved_weights_move_by_exactly_the_stored_step():
@@ -549,24 +608,20 @@ def _assert_paths_match_oracle(problem, eta, **kwargs):
     if masters is not None:
         _assert_bitwise(want_g, grads, "oracle: case B leaves the grads alone")
     for impl in ("torch", "triton"):
-        def perturb(*a, **k):
-            return perturb_(*a, impl=impl, **k)
-
-        def restore(*a, **k):
-            return restore_(*a, impl=impl, **k)
-
-        got_p, got_g, got_stats, got_back = _perturb_and_restore(perturb, restore, problem, eta, **kwargs)
-        _assert_bitwise(got_p, want_p, f"{impl} params after perturb vs oracle")
-        _assert_bitwise(got_g, want_g, f"{impl} grads after perturb vs oracle")
-        _assert_stats_match_oracle(got_stats, want_stats, f"{impl} stats vs oracle")
-        _assert_bitwise(got_back, want_back, f"{impl} params after restore vs oracle")
-        if masters is None:
-            # RestorePlan, what the backward hooks run, tensor by tensor in backward order.
-            p, g = _clone(got_p), _clone(got_g)
-            plan = RestorePlan(p, g, impl=impl, hints=got_stats.restore_hints)
-            for i in reversed(range(len(p))):
-                plan.restore(i)
-            _assert_bitwise(p, want_back, f"{impl} RestorePlan vs oracle")
+        p, g, m = _clone(params), _clone(grads), _clone(masters)
+        perturbation = perturb_(p, g, eta, masters=m, exp_avg_sq=_clone(problem[3]), impl=impl, **kwargs)
+        _assert_bitwise(p, want_p, f"{impl} params after perturb vs oracle")
+        _assert_bitwise(g, want_g, f"{impl} grads after perturb vs oracle")
+        _assert_stats_match_oracle(perturbation.stats, want_stats, f"{impl} stats vs oracle")
+        # restore_, on a copy of the perturbed state
+        got_back, got_g = _clone(p), _clone(g)
+        restore_(got_back, None if masters is not None else got_g, masters=m, impl=impl)
+        _assert_bitwise(got_back, want_back, f"{impl} params after restore_ vs oracle")
+        # The perturbation's own plan, what the backward hooks run, tensor by tensor in backward order.
+        plan = perturbation.restore_plan()
+        for i in reversed(range(len(p))):
+            plan.restore(i)
+        _assert_bitwise(p, want_back, f"{impl} RestorePlan vs oracle")
     return want_stats
 
 
@@ -616,7 +671,7 @@ def test_master_mismatch_matches_the_oracle():
     params[1][7] += 1.0
     grads = [torch.randn(50, generator=gen), torch.randn(4097, generator=gen)]
     after = {}
-    for name, perturb in (("oracle", perturb_oracle_), ("torch", perturb_reference_), ("triton", perturb_triton_)):
+    for name, perturb in (("oracle", perturb_oracle_), ("torch", perturb_torch_), ("triton", perturb_triton_)):
         p = _clone(params)
         with pytest.raises(RuntimeError, match=r"params\[1\] is not the rounding of masters\[1\] at 1 elements"):
             perturb(p, _clone(grads), 0.5, masters=_clone(w))
@@ -641,4 +696,4 @@ def test_stats_match_the_oracle_tensor_by_tensor(arrangement, with_v):
 
 
 def test_triton_path_given_only_empty_tensors():
-    assert perturb_([torch.zeros(0)], [torch.zeros(0)], 0.5, impl="triton") == perturb_oracle_([torch.zeros(0)], [torch.zeros(0)], 0.5)
+    assert perturb_([torch.zeros(0)], [torch.zeros(0)], 0.5, impl="triton").stats == perturb_oracle_([torch.zeros(0)], [torch.zeros(0)], 0.5)
