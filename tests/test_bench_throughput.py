@@ -5,10 +5,17 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from bench import throughput
+from bench.flops import attention_pairs
+from bench.report import write_results
+from bench.rows import make_row
+from bench.runners import Runner
+from metarm_fast.batch import EncodedPair
+from metarm_fast.data import EncodedSeq
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 TINY = ["--hidden", "32", "--layers", "2", "--steps", "2", "--warmup", "1", "--batch", "4",
@@ -30,6 +37,8 @@ def _positive(row: dict) -> None:
     assert row["tokens_computed_per_step"] > 0 and row["tokens_padded_per_step"] > 0
     assert row["tokens_computed_per_step"] <= row["tokens_padded_per_step"]
     assert row["pairs_per_step"] == 4
+    # what the model ran (the hook on its input embedding) is what the library counts for the layout
+    assert row["tokens_computed_over_expected"] == 1.0, (row["method"], row["packing"])
 
 
 def test_every_requested_row_has_positive_numbers(run):
@@ -77,7 +86,7 @@ def test_targets_and_environment_written(run, tmp_path):
     assert data["rows"] and data["targets"]
     # the same results as CSV: one line per row and per target, each with the environment
     path = tmp_path / "throughput.csv"
-    throughput.write_results(result, str(path))
+    write_results(result, str(path))
     lines = list(csv.DictReader(path.open()))
     assert sum(line["kind"] == "step" for line in lines) == len(result["rows"])
     assert sum(line["kind"] == "target" for line in lines) == len(result["targets"])
@@ -93,7 +102,7 @@ def test_bad_flags_are_refused():
         throughput.main(["--repeat", "0"])
 
 
-class _Scripted(throughput.Runner):
+class _Scripted(Runner):
     """A runner whose steps take the times it is given, and report them as their 'part'."""
 
     name = "scripted"
@@ -152,17 +161,44 @@ def test_mfu_on_every_row_against_a_measured_peak(run):
     assert {"meta machinery / MetaRM step", "MetaRM MFU"} <= names
 
 
-def test_attention_pairs_and_datasheet_peaks():
-    from bench.peak import datasheet_peak
-    from metarm_fast.data import EncodedSeq
+# prompt of 2, responses of 1 and 3
+PROMPT, CHOSEN, REJECTED = [1, 2], [3], [4, 5, 6]
 
-    # prompt of 2, responses of 1 and 3: shared 3 + (1*2 + 1) + (3*2 + 6) = 18; unshared 3*4/2 + 5*6/2 = 21
-    group = [[EncodedSeq([1, 2], [3]), EncodedSeq([1, 2], [4, 5, 6])]]
-    assert throughput.attention_pairs(group, "share-prompt") == 18
-    assert throughput.attention_pairs(group, "pack") == throughput.attention_pairs(group, "none") == 21
-    assert datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16")[0] == 312e12
-    assert datasheet_peak("NVIDIA H100 80GB HBM3", "bf16")[0] == 989e12
-    assert datasheet_peak("Tesla T4", "bf16")[0] is None
+
+def test_attention_pairs():
+    # shared 3 + (1*2 + 1) + (3*2 + 6) = 18; unshared 3*4/2 + 5*6/2 = 21
+    group = [[EncodedSeq(PROMPT, CHOSEN), EncodedSeq(PROMPT, REJECTED)]]
+    assert attention_pairs(group, "share-prompt") == 18
+    assert attention_pairs(group, "pack") == attention_pairs(group, "none") == 21
+
+
+class _Timed(Runner):
+    """One step of one pair, taking `seconds`, on which the model ran `tokens` tokens."""
+
+    name = "timed"
+
+    def __init__(self, packing, seconds, tokens):
+        super().__init__(packing, [[[EncodedPair(EncodedSeq(PROMPT, CHOSEN), EncodedSeq(PROMPT, REJECTED))]]])
+        self.seconds = seconds
+        self.counter = SimpleNamespace(take=lambda: tokens)
+        self.model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+
+    def step(self, i):
+        return self.seconds
+
+
+@pytest.mark.parametrize("packing, tokens, pairs", [("none", 2 * 5, 21), ("share-prompt", 2 + 1 + 3, 18)])
+def test_row_tokens_flops_and_mfu_against_a_hand_count(packing, tokens, pairs):
+    r = _Timed(packing, seconds=0.5, tokens=tokens)
+    r.run(0, record=True)
+    config = SimpleNamespace(num_attention_heads=2, hidden_size=8, num_hidden_layers=1)  # head_dim 4
+    row = make_row(r, nflop=100, peak_fl=1e5, config=config)
+    assert row["tokens_padded_per_step"] == 2 * 5 and row["tokens_real_per_step"] == 3 + 5
+    assert row["tokens_computed_over_expected"] == 1.0
+    flops = 6 * 100 * tokens + 12 * 2 * 4 * 1 * pairs  # 6 N tokens + 12 heads head_dim layers pairs
+    assert row["flops_per_step"] == flops
+    assert row["mfu"]["median"] == pytest.approx(flops / 0.5 / 1e5)
+    assert make_row(r, nflop=100, peak_fl=None, config=config)["mfu"] is None
 
 
 def test_sdpa_tiles_times_every_variant():

@@ -1,0 +1,234 @@
+"""The metarm-fast runners of bench.throughput (vanilla, metarm, copy, metarm-parts: its docstring says
+what each times): one model + optimizer per (method, packing), each timing one step on batch i.
+
+Tokens computed are counted by a hook on the input embedding (what the model really ran). The other
+counts of a step (what its layout predicts, the padded yardstick, the real tokens) are the library's
+own: ``metarm_fast.batch.step_tokens`` over the step's batches built in that layout, the count the
+trainer reports as its ``tokens`` metric.
+"""
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+from bench.flops import attention_pairs
+from metarm_fast.batch import meta_batch, pair_batch, step_tokens
+from metarm_fast.config import TrainConfig
+from metarm_fast.memory import step_peak_bytes as peak
+from metarm_fast.reference import copy_based_meta_step
+from metarm_fast.steps import j_pass, l_pass, zero_grads
+from metarm_fast.trainer import RewardTrainer
+
+
+def now() -> float:
+    """perf_counter after the device's queued work is done."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def step_groups(micro_batches) -> list:
+    """A step's pairs as groups: each prompt with its two responses (the MetaRM meta batch of the bench)."""
+    return [[p.chosen, p.rejected] for mb in micro_batches for p in mb]
+
+
+def layout_tokens(micro_batches, layout: str, meta: bool = False) -> int:
+    """Tokens of a step over these micro-batches of pairs in `layout`, as the library counts them
+    (``step_tokens``): its pair batches and, with `meta`, the meta batch of its own groups. Neither the
+    pad value (None pads with 0) nor the mask changes a count, so no mask is built."""
+    batches = [pair_batch(mb, layout, None, dense_mask=False) for mb in micro_batches]
+    groups = meta_batch(step_groups(micro_batches), layout, None, dense_mask=False) if meta else None
+    return step_tokens(batches, groups)
+
+
+class TokenCounter:
+    """Counts the input tokens a model is run on (a forward pre-hook on its input embedding).
+
+    deepcopy copies the hook with the module, so the copy-based step's shadow model counts too. The
+    hook is a plain closure, not a bound method: deepcopy would copy a bound method's counter along."""
+
+    def __init__(self, model):
+        self.n = 0
+        counter = self
+
+        def hook(module, args):
+            counter.n += args[0].numel()
+
+        model.get_input_embeddings().register_forward_pre_hook(hook)
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
+class Runner:
+    name = ""
+    passes = 1  # model passes over the step's sequences (J + L = 2)
+
+    def __init__(self, packing: str, batches):
+        self.packing = packing
+        self.batches = batches
+        self.times: list[float] = []
+        self.computed: list[int] = []
+        self.steps: list[int] = []
+        self.peak_bytes: int | None = None
+        self.extra: dict = {}
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.packing}]"
+
+    def tokens(self, i: int, layout: str) -> int:
+        """Tokens of step i, all passes, in `layout` (the meta batch holds the step's own groups)."""
+        return layout_tokens(self.batches[i], layout, meta=self.passes > 1)
+
+    def expected_tokens(self, i: int) -> int:
+        return self.tokens(i, self.packing)
+
+    def padded_tokens(self, i: int) -> int:
+        """The yardstick that makes layouts comparable: each pass's sequences padded to their longest."""
+        return self.tokens(i, "none")
+
+    def real_tokens(self, i: int) -> int:
+        """Every token of every sequence, each pass: the packed layout's count (no padding, nothing shared)."""
+        return self.tokens(i, "pack")
+
+    def attention_pairs(self, i: int) -> int:
+        """Attended (query, key) pairs of step i, all passes (the meta batch holds the step's own groups)."""
+        return self.passes * attention_pairs(step_groups(self.batches[i]), self.packing)
+
+    def run(self, i: int, record: bool, rep: int = 0) -> None:
+        """One step on batch i. With --repeat, batch i runs again (rep = 1, 2, ...) and the batch keeps
+        the time of its fastest run, with what the subclasses record from that same run."""
+        gc.collect()
+        self.counter.take()
+        t = self.step(i)
+        n = self.counter.take()
+        if not hasattr(self, "first_computed"):
+            self.first_computed = (i, n)
+        self.best = record and (rep == 0 or t < self.times[-1])
+        if record and rep == 0:
+            self.times.append(t)
+            self.computed.append(n)
+            self.steps.append(i)
+        elif self.best:
+            self.times[-1] = t
+
+    def keep(self, values: list, value, rep: int) -> None:
+        """Record a per-step value of this run if it is the batch's first run or its fastest so far."""
+        if rep == 0:
+            values.append(value)
+        elif self.best:
+            values[-1] = value
+
+    def measure_peak(self, i: int) -> None:
+        pass
+
+
+class TrainerRunner(Runner):
+    """Our RewardTrainer, built for this packing mode."""
+
+    def __init__(self, cfg: TrainConfig, packing: str, batches, init_state):
+        super().__init__(packing, batches)
+        torch.manual_seed(cfg.seed)
+        self.tr = RewardTrainer(cfg, log=lambda *a, **k: None)
+        if init_state is not None:
+            self.tr.model.hf.load_state_dict(init_state)
+        self.model = self.tr.model.hf
+        self.counter = TokenCounter(self.model)
+
+    def groups(self, i: int):
+        # the meta batch: the step's prompts, each with its two responses as one unlabelled group
+        return step_groups(self.batches[i])
+
+    def _train_step(self, i: int, groups=None) -> None:
+        m = self.last_metrics = self.tr.train_step(self.batches[i], groups)
+        if "skipped" in m:
+            raise RuntimeError(f"{self.label}: step {i} was skipped: {m['skipped']}")
+        self.tr.step += 1
+
+    def measure_peak(self, i: int) -> None:
+        self.peak_bytes = peak(self.tr, lambda: self.step(i))
+
+
+class VanillaRunner(TrainerRunner):
+    name = "vanilla"
+
+    def step(self, i: int) -> float:
+        t0 = now()
+        self._train_step(i)
+        return now() - t0
+
+
+class MetaRunner(TrainerRunner):
+    name = "metarm"
+    passes = 2
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.machinery: dict[str, list[float]] = {"perturb": [], "restore": []}
+
+    def run(self, i: int, record: bool, rep: int = 0) -> None:
+        super().run(i, record, rep)
+        if record:  # the trainer's own timing of its meta machinery, inside this very step
+            self.keep(self.machinery["perturb"], self.last_metrics["meta_perturb_ms"] / 1e3, rep)
+            self.keep(self.machinery["restore"], self.last_metrics["meta_restore_ms"] / 1e3, rep)
+
+    def step(self, i: int) -> float:
+        groups = self.groups(i)
+        t0 = now()
+        self._train_step(i, groups)
+        return now() - t0
+
+
+class CopyRunner(TrainerRunner):
+    name = "copy"
+    passes = 2
+
+    def step(self, i: int) -> float:
+        groups = self.groups(i)
+        t0 = now()
+        zero_grads(self.tr.params)  # as train_step does
+        copy_based_meta_step(self.tr, self.batches[i], groups)
+        t = now() - t0
+        self.tr.step += 1
+        return t
+
+
+class PartsRunner(TrainerRunner):
+    """The MetaRM step's parts, each timed alone: J pass, L pass, optimizer step."""
+
+    name = "metarm-parts"
+    passes = 2
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.parts: dict[str, list[float]] = {"J": [], "L": [], "opt": []}
+        self._last: dict[str, float] = {}
+
+    def step(self, i: int) -> float:
+        tr = self.tr
+        t0 = now()
+        j_pass(tr.model, tr.meta_batch(self.groups(i)))
+        t1 = now()
+        l_pass(tr.model, [tr.pair_batch(items) for items in self.batches[i]], tr.cfg.center_coef)
+        t2 = now()
+        tr.optimizer_step()
+        zero_grads(tr.params)
+        t3 = now()
+        tr.step += 1
+        self._last = {"J": t1 - t0, "L": t2 - t1, "opt": t3 - t2}
+        return t3 - t0
+
+    def run(self, i: int, record: bool, rep: int = 0) -> None:
+        super().run(i, record, rep)
+        if record:
+            for k, v in self._last.items():
+                self.keep(self.parts[k], v, rep)
+
+    def measure_peak(self, i: int) -> None:
+        pass  # not a step anyone runs
+
+
