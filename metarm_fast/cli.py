@@ -9,7 +9,7 @@ import sys
 import types
 import typing
 
-from metarm_fast.config import TrainConfig, config_fields
+from metarm_fast.config import TrainConfig, config_fields, describe_data
 from metarm_fast.tracking import TENSORBOARD_DIR, parse_report_to
 
 
@@ -91,14 +91,14 @@ def _print_summary(trainer, summary: dict) -> None:
     rows = [
         ("method", cfg.method),
         ("model", f"{cfg.model} ({n_params / 1e6:.2f}M params, {cfg.precision})"),
-        ("train pairs", f"{len(trainer.data.train_pairs)} ({cfg.train_data})"),
+        ("train pairs", f"{len(trainer.data.train_pairs)} ({describe_data(cfg.train_data)})"),
         ("steps", f"{summary['steps']} in {summary['train_time_s']} s ({summary['pairs_per_s']} pairs/s)"),
         ("truncated records", f"{summary['truncated_records']} (of which {summary['prompt_lost_records']} lost their "
                               "whole prompt)" if summary.get("prompt_lost_records") else str(summary["truncated_records"])),
     ]
     if "eval" in summary:
         e = summary["eval"]
-        rows.append(("eval accuracy", f"{e['accuracy']:.3f} on {e['pairs']} pairs ({cfg.eval_data or f'{cfg.eval_fraction:.0%} of the train data, held out'})"))
+        rows.append(("eval accuracy", f"{e['accuracy']:.3f} on {e['pairs']} pairs ({describe_data(cfg.eval_data) if cfg.eval_data is not None else f'{cfg.eval_fraction:.0%} of the train data, held out'})"))
         rows.append(("eval reward mean/std", f"{e['reward_mean']:.3f} / {e['reward_std']:.3f}"))
     if "train_rewards" in summary:
         e = summary["train_rewards"]

@@ -35,10 +35,11 @@ class TrainConfig:
     eval_data: str | None = _f(None, "held-out pairs; default: the synthetic eval split when training on 'synthetic'")
     eval_fraction: float = _f(0.0, "hold out this fraction of the training pairs (shuffled by seed) for evaluation when no eval_data is given")
     meta_data: str | None = _f(None, "meta set (prompt + k responses) for --method metarm; default: synthetic shifted set")
-    data_format: str = _f("auto", "record format", ("auto", "explicit", "implicit", "hh-rlhf", "summarize", "pku", "oasst"))
+    data_format: str = _f("auto", "record format", ("auto", "explicit", "implicit", "hh-rlhf", "summarize", "pku", "oasst", "helpsteer3"))
     pku_preference: str = _f("better", "PKU-SafeRLHF: which label makes the pair", ("better", "safer"))
     oasst_lang: str | None = _f(None, "oasst1: keep the messages of this language only (their `lang`, e.g. en); default: all")
     oasst_keep_flagged: bool = _f(False, "oasst1: keep deleted messages and those that failed review (left out by default, with their replies)")
+    helpsteer3_margin: bool = _f(False, "HelpSteer3: use |overall_preference| (1-3) as each pair's Bradley-Terry margin")
     split: str = _f("train", "split to read from a hub dataset")
     on_bad_record: str = _f("error", "stop at the first bad record, or skip and report them at the end", ("error", "skip"))
     max_records: int | None = _f(None, "read at most this many records of each data source")
@@ -97,9 +98,9 @@ class TrainConfig:
             c.lr = 1e-3 if c.model == TINY_MODEL else 5e-6
         if c.eta is None:
             c.eta = c.lr
-        if c.eval_data is None and c.train_data == SYNTHETIC:
+        if c.eval_data is None and isinstance(c.train_data, str) and c.train_data == SYNTHETIC:
             c.eval_data = f"{SYNTHETIC}:eval"
-        if c.meta_data is None and c.method == "metarm" and c.train_data.startswith(SYNTHETIC):
+        if c.meta_data is None and c.method == "metarm" and isinstance(c.train_data, str) and c.train_data.startswith(SYNTHETIC):
             c.meta_data = f"{SYNTHETIC}:meta"
         c.validate()
         return c
@@ -107,6 +108,8 @@ class TrainConfig:
     def validate(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
+            if f.name in DATA_FIELDS and is_in_memory(getattr(self, f.name)):
+                continue  # records handed over from Python: read (and checked) by the data loaders
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -154,11 +157,15 @@ class TrainConfig:
         if self.second_order and self.meta_direction != "sgd":
             raise ValueError("config: --second-order is exact for --meta-direction sgd only (the adam direction's "
                              "preconditioner depends on grad J itself); use one or the other")
-        if self.method == "metarm" and not self.meta_data and self.eta is not None:
+        if self.method == "metarm" and self.meta_data is None and self.eta is not None:
             raise ValueError("config: --method metarm needs --meta-data (a prompt + responses file) unless training on 'synthetic'")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values (what is saved and compared on resume); data held in memory by its summary."""
+        return {f.name: _plain(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def __repr__(self) -> str:
+        return "TrainConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
 
     def run_differences(self, other: dict) -> list[str]:
         """Settings that change what a run computes and differ from ``other`` (a saved config dict)."""
@@ -172,6 +179,28 @@ class TrainConfig:
 NOT_RUN_SETTINGS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "resume",
                               "overwrite", "threads", "eval_batch_size", "parallel", "eval_every",
                               "keep_best", "report_to"})
+
+
+# Fields that name data: a path or hub name (str), or, from Python, the records themselves.
+DATA_FIELDS = ("train_data", "eval_data", "meta_data")
+
+
+def is_in_memory(value) -> bool:
+    """Records handed over from Python: a list of dicts, a datasets.Dataset, a pandas DataFrame."""
+    return isinstance(value, (list, tuple)) or hasattr(value, "features") or hasattr(value, "columns")
+
+
+def describe_data(value) -> str:
+    """A data setting as messages and the saved config name it: in-memory data by kind and size."""
+    if not is_in_memory(value):
+        return str(value)
+    return f"<{type(value).__name__} of {len(value)} records>"
+
+
+def _plain(name: str, value):
+    if name in DATA_FIELDS and is_in_memory(value):
+        return describe_data(value)
+    return value
 
 
 def _check_type(name: str, value, hint) -> None:

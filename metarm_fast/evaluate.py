@@ -9,16 +9,16 @@ import torch
 from metarm_fast.config import TrainConfig
 from metarm_fast.batch import EncodedPair, meta_batch, pair_batch
 from metarm_fast.data import Encoder, read_records
-from metarm_fast.model import RewardModel, ensure_pad_token
+from metarm_fast.model import RewardModel, check_local_path, ensure_pad_token, from_pretrained_checked
 from metarm_fast.sources import pair_source
 
 
 def load_checkpoint(model_dir: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = from_pretrained_checked("--model", model_dir, AutoTokenizer.from_pretrained)
     ensure_pad_token(tok)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    model = from_pretrained_checked("--model", model_dir, AutoModelForSequenceClassification.from_pretrained)
     model.eval()
     return model, tok
 
@@ -81,6 +81,7 @@ def evaluate_checkpoint(model_dir: str, data: str, *, data_format=None, max_leng
     TrainConfig's defaults; the ones used are in the result's ``settings``."""
     from metarm_fast.scoring import pair_metrics
 
+    check_local_path("--model", model_dir)  # before the data is read
     given = {"max_length": max_length, "data_format": data_format, "chat_template": chat_template,
              "pku_preference": pku_preference}
     defaults = TrainConfig()

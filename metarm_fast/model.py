@@ -66,7 +66,7 @@ def choose_packing(cfg: TrainConfig) -> tuple[str, str]:
         return "share-prompt", "auto: decoder model"
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    hf_cfg = _from_pretrained("--model", cfg.model, AutoConfig.from_pretrained)
+    hf_cfg = from_pretrained_checked("--model", cfg.model, AutoConfig.from_pretrained)
     hf_cfg.num_labels = 1
     try:
         with torch.device("meta"):  # the module tree only: no weights are read or allocated
@@ -128,28 +128,47 @@ def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
     if cfg.tokenizer:
-        tok = _from_pretrained("--tokenizer", cfg.tokenizer, AutoTokenizer.from_pretrained)
+        tok = from_pretrained_checked("--tokenizer", cfg.tokenizer, AutoTokenizer.from_pretrained)
     elif cfg.model == TINY_MODEL:
         from metarm_fast.synthetic import SyntheticTask
 
         tok = SyntheticTask(cfg.seed).tokenizer()
     else:
-        tok = _from_pretrained("--model", cfg.model, AutoTokenizer.from_pretrained)
+        tok = from_pretrained_checked("--model", cfg.model, AutoTokenizer.from_pretrained)
     ensure_pad_token(tok)
     return tok
 
 
-def _from_pretrained(flag: str, name: str, fn, **kw):
-    """transformers' from_pretrained, with one message a user can act on instead of its OSError."""
+_CHECKPOINT_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def check_local_path(flag: str, name: str) -> str:
+    """``name`` with ~ expanded; a name that is written as a path must be an existing folder."""
     import os
 
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path) and (os.path.sep in name or name.startswith((".", "~"))):
+        raise ValueError(f"{flag} {name}: there is no folder {name}")
+    return path
+
+
+def from_pretrained_checked(flag: str, name: str, fn, **kw):
+    """transformers' from_pretrained, with one message a user can act on instead of its error: the
+    folder is named, and what it lacks."""
+    import os
+
+    path = check_local_path(flag, name)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _CHECKPOINT_FILES):
+        raise ValueError(f"{flag} {name}: the folder holds no Hugging Face model or tokenizer (none of "
+                         f"{', '.join(_CHECKPOINT_FILES)}); pass a folder written by save_pretrained, such as a "
+                         "metarm-fast train --output-dir, or a hub name")
     try:
-        return fn(name, **kw)
-    except OSError as e:
-        if os.path.isdir(name):
+        return fn(path if os.path.isdir(path) else name, **kw)
+    except (OSError, ValueError) as e:
+        if os.path.isdir(path):
             why = f"the folder {name} is not a Hugging Face checkpoint ({str(e).splitlines()[0][:200]})"
-        elif os.path.sep in name or name.startswith("."):
-            why = f"there is no folder {name}"
+        elif isinstance(e, ValueError):
+            raise
         else:
             why = (f"{name!r} is not a local folder, and the hub could not give it (offline, or no such repository; "
                    "HF_HUB_OFFLINE is " + os.environ.get("HF_HUB_OFFLINE", "unset") + ")")
@@ -168,7 +187,7 @@ def load_model(cfg: TrainConfig, tokenizer) -> nn.Module:
         model = build_tiny_llama(len(tokenizer), tokenizer.pad_token_id, cfg.tiny_layers, cfg.tiny_hidden, attn)
         model = model.to(dtype)
     else:
-        model = _from_pretrained("--model", cfg.model, AutoModelForSequenceClassification.from_pretrained,
+        model = from_pretrained_checked("--model", cfg.model, AutoModelForSequenceClassification.from_pretrained,
                                  num_labels=1, dtype=dtype, attn_implementation=attn)
     if cfg.packing != "none" and _last_token_head(model) is None:
         raise ValueError(f"model {cfg.model}: --packing {cfg.packing} needs a decoder reward model (a last-token "
@@ -213,11 +232,17 @@ class RewardModel(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         if batch.layout == "none":
-            return compute_rewards(self.hf, batch.as_dict())
+            return _own_storage(compute_rewards(self.hf, batch.as_dict()))
         from metarm_fast.packing import compute_rewards_packed, pair_layout
 
         r = compute_rewards_packed(self.hf, batch.as_dict())
-        return pair_layout(r) if batch.pairs else r
+        return _own_storage(pair_layout(r) if batch.pairs else r)
+
+
+def _own_storage(r: torch.Tensor) -> torch.Tensor:
+    """The rewards as a tensor of their own, not a view (a squeeze, a reorder): FSDP2 registers its
+    backward hooks on a module's outputs and warns that a view can give wrong gradients. B floats."""
+    return r.clone() if r._base is not None else r
 
 
 def compute_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

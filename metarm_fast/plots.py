@@ -2,9 +2,9 @@
 
 - ``meta_reward_gaps.png``: the reward gaps |r(x, s_i) - r(x, s_j)| between the responses of each
   meta-set prompt, for the trained model and for a baseline on the very same samples (the model
-  before training, scored at step 0). The count axis is logarithmic: the gaps pile up near 0 and
-  the tail, which is what MetaRM is meant to widen, would otherwise be invisible. Dashed lines mark
-  the means, dotted lines the medians.
+  before training, scored at step 0), in two panels on one gap axis. The count axis is logarithmic:
+  the gaps pile up near 0 and the tail, which is what MetaRM is meant to widen, would otherwise be
+  invisible. Dashed lines mark the means, dotted lines the medians.
 - ``training_curves.png``: training loss and accuracy per logged step (and a running mean over
   about 5% of the run), with the eval accuracy of ``--eval-every`` where there is one.
 """
@@ -31,23 +31,26 @@ def _pyplot():
 
 def save_gap_histogram(gaps: torch.Tensor, path: str, baseline: torch.Tensor | None = None,
                        label: str = "trained", baseline_label: str = "before training") -> str:
+    """One panel per series, stacked on a shared gap axis, so the model before training and after it
+    are seen apart (overlaid, the baseline's spike near 0 hid under the trained model's first bin)."""
     plt = _pyplot()
     series = [(label, gaps.double(), "#3a6ea5")]
     if baseline is not None:
         series.insert(0, (baseline_label, baseline.double(), "#c0603a"))
-    top = max(float(g.max()) for _, g, _ in series if g.numel()) if any(g.numel() for _, g, _ in series) else 1.0
+    series = [(name, g, color) for name, g, color in series if g.numel()]  # an empty series has no mean
+    top = max((float(g.max()) for _, g, _ in series), default=1.0)
     bins = torch.linspace(0.0, max(top, 1e-6), 41).tolist()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for name, g, color in series:
-        ax.hist(g.numpy(), bins=bins, color=color, alpha=0.55, label=f"{name} (mean {float(g.mean()):.3f}, "
-                                                                     f"median {float(g.median()):.3f})")
-        ax.axvline(float(g.mean()), color=color, linestyle="--", linewidth=1)
-        ax.axvline(float(g.median()), color=color, linestyle=":", linewidth=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("|r(x, s_i) - r(x, s_j)| on the meta set")
-    ax.set_ylabel("response pairs (log)")
-    ax.set_title("Reward gaps on the meta set (-- mean, .. median)")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(max(len(series), 1), 1, figsize=(5.5, 1.2 + 1.9 * max(len(series), 1)), sharex=True,
+                             squeeze=False)
+    for ax, (name, g, color) in zip(axes[:, 0], series):
+        mean, median = float(g.mean()), float(g.median())
+        ax.hist(g.numpy(), bins=bins, color=color, alpha=0.8)
+        ax.axvline(mean, color="black", linestyle="--", linewidth=1)
+        ax.axvline(median, color="black", linestyle=":", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_ylabel("pairs (log)")
+        ax.set_title(f"{name}: mean {mean:.3f}, median {median:.3f}, {g.numel()} pairs", fontsize=9)
+    axes[-1, 0].set_xlabel("|r(x, s_i) - r(x, s_j)| on the meta set (-- mean, .. median)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -22,6 +22,18 @@ _RUN_FILES = (METRICS, CONFIG, CHECKPOINTS, "config.json", "model.safetensors", 
               INITIAL_GAPS, BEST, TENSORBOARD_DIR, ADAPTER_DIR, "wandb")
 
 
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Before anything slow: --output-dir must be a folder, or a path where one can be made."""
+    out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output-dir {out}: is a file, not a folder; name a folder (it is made if missing)")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output-dir {out}: {parent} is a file, so the folder cannot be made")
+
+
 def prepare_output_dir(cfg: TrainConfig) -> str | None:
     """Decide between a fresh start and a resume; returns the checkpoint to resume from, or None.
 

@@ -9,7 +9,9 @@ from metarm_fast.config import SYNTHETIC, TrainConfig
 from metarm_fast.data import LoadReport, MetaGroup, PreferencePair, load_meta, load_pairs
 
 
-def _synthetic_split(name: str) -> str | None:
+def _synthetic_split(name) -> str | None:
+    if not isinstance(name, str):
+        return None
     if name == SYNTHETIC:
         return "train"
     if name.startswith(SYNTHETIC + ":"):
@@ -37,6 +39,7 @@ def pair_source(name: str, cfg: TrainConfig) -> tuple[list[PreferencePair], Load
         max_records=cfg.max_records,
         oasst_lang=cfg.oasst_lang,
         oasst_keep_flagged=cfg.oasst_keep_flagged,
+        helpsteer3_margin=cfg.helpsteer3_margin,
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from metarm_fast.batch import EncodedPair
+from metarm_fast.config import describe_data
 from metarm_fast.sources import meta_source, pair_source
 
 
@@ -30,29 +31,45 @@ def load_train_data(cfg, encoder, tokenizer) -> TrainData:
     pairs, rep = pair_source(cfg.train_data, cfg)
     reports = [("train", rep)]
     eval_pairs = None
-    if cfg.eval_fraction > 0 and not cfg.eval_data:
+    if cfg.eval_fraction > 0 and cfg.eval_data is None:
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_eval = max(1, int(len(pairs) * cfg.eval_fraction))
         if n_eval >= len(pairs):
-            raise ValueError(f"{cfg.train_data}: eval_fraction {cfg.eval_fraction} leaves no training pairs")
+            raise ValueError(f"{describe_data(cfg.train_data)}: eval_fraction {cfg.eval_fraction} leaves no training pairs")
         eval_pairs = encode_pairs(encoder, [pairs[i] for i in order[:n_eval]])
         pairs = [pairs[i] for i in order[n_eval:]]
     if not pairs:
-        raise ValueError(f"{cfg.train_data}: no training pairs")
+        raise ValueError(f"{describe_data(cfg.train_data)}: no training pairs")
     train_pairs = encode_pairs(encoder, pairs)
     check_known_tokens(cfg, tokenizer, train_pairs)
-    if cfg.eval_data:
+    if cfg.eval_data is not None:
         pairs, rep = pair_source(cfg.eval_data, cfg)
         reports.append(("eval", rep))
         eval_pairs = encode_pairs(encoder, pairs)
     meta_groups = None
-    if cfg.meta_data:
+    if cfg.meta_data is not None:
         groups, rep = meta_source(cfg.meta_data, cfg)
         reports.append(("meta", rep))
-        meta_groups = [encoder.encode_group(g) for g in groups]
+        meta_groups = [encoder.encode_group(g) for g in usable_meta_groups(groups, rep, cfg.meta_data)]
     if cfg.eval_every and not eval_pairs:
         raise ValueError("--eval-every needs eval pairs: pass --eval-data, or --eval-fraction to hold some out")
     return TrainData(train_pairs, eval_pairs, meta_groups, reports)
+
+
+def usable_meta_groups(groups, report, source) -> list:
+    """The groups with two responses or more: J spreads the rewards of a prompt's responses apart, so
+    a prompt with one response adds nothing to it. Those are counted in the load report; a meta set
+    with none left is refused (MetaRM would silently train as vanilla)."""
+    kept = [g for g in groups if len(g.responses) >= 2]
+    single = len(groups) - len(kept)
+    if single:
+        report.skipped["filtered: prompt with one response (J needs two)"] += single
+        report.loaded = len(kept)
+    if not kept:
+        raise ValueError(f"{describe_data(source)}: no prompt of the meta set has two responses or more ({report.summary()}); "
+                         "the meta step's difference loss J compares the rewards of one prompt's responses, so each "
+                         "prompt needs k >= 2 responses (metarm-fast sample --k 4 writes such a set)")
+    return kept
 
 
 def check_known_tokens(cfg, tokenizer, train_pairs, limit: float = 0.5) -> None:
@@ -71,6 +88,6 @@ def check_known_tokens(cfg, tokenizer, train_pairs, limit: float = 0.5) -> None:
         which = cfg.tokenizer or (f"{cfg.model}'s (the synthetic task's 68-word vocabulary)"
                                   if cfg.model == "tiny-llama" else cfg.model)
         raise ValueError(
-            f"{cfg.train_data}: {(total - known) / total:.0%} of the tokens are unknown to the tokenizer {which}; "
+            f"{describe_data(cfg.train_data)}: {(total - known) / total:.0%} of the tokens are unknown to the tokenizer {which}; "
             "pass --model with a pretrained reward model (its tokenizer comes with it), or --tokenizer with "
             "one that covers this text (e.g. --model tiny-llama --tokenizer <a pretrained tokenizer>)")

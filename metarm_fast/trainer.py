@@ -30,7 +30,7 @@ from metarm_fast.meta_step import MetaStep, vanished_warning
 from metarm_fast.model import choose_packing, load_tokenizer
 from metarm_fast.parallel import any_rank, barrier, broadcast_object, full_state_dict, init_distributed, shard
 from metarm_fast.plots import GAP_HISTOGRAM, TRAINING_CURVES, gap_report, save_training_curves
-from metarm_fast.run_dir import BEST, CHECKPOINTS, INITIAL_GAPS, METRICS, agree_on_start, write_config
+from metarm_fast.run_dir import BEST, CHECKPOINTS, INITIAL_GAPS, METRICS, agree_on_start, check_output_dir, write_config
 from metarm_fast.run_log import RunLog
 from metarm_fast.sampler import EpochSampler
 from metarm_fast.scoring import evaluate_pairs, meta_gaps
@@ -54,10 +54,11 @@ class RewardTrainer:
         self.dist = init_distributed()
         check_parallel(cfg, self.dist.world_size)
         self.threads = set_threads(cfg.threads)
-        busy = busy_warning(self.threads) if self.dist.device.type == "cpu" else None
+        busy = busy_warning(self.threads) if self.dist.device.type == "cpu" and self.dist.is_main else None
         if busy:
             warnings.warn(busy)
         check_installed(parse_report_to(cfg.report_to))  # before any slow step
+        check_output_dir(cfg)
         self.tokenizer = load_tokenizer(cfg)
         self.encoder = Encoder(self.tokenizer, cfg.max_length, chat_template=cfg.chat_template)
         self.data = load_train_data(cfg, self.encoder, self.tokenizer)  # before the model: a bad path costs no load
@@ -165,7 +166,8 @@ class RewardTrainer:
         if self.dist.is_main:
             if self.fsdp:
                 state = {k.removeprefix("hf."): v for k, v in state.items()}
-            export_model(out_dir, self.rm.hf, self.tokenizer, state_dict=state, peft=self.peft, summary=summary)
+            export_model(out_dir, self.rm.hf, self.tokenizer, state_dict=state, peft=self.peft, summary=summary,
+                         cfg=self.cfg)
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -248,7 +250,8 @@ class RewardTrainer:
         if self._evaluates:
             if self.data.eval_pairs:
                 summary["eval"] = self.evaluate()
-                if cfg.train_data.startswith("synthetic") and cfg.eval_data != "synthetic:shifted":
+                if isinstance(cfg.train_data, str) and cfg.train_data.startswith("synthetic") and isinstance(cfg.eval_data, str) \
+                        and cfg.eval_data != "synthetic:shifted":
                     shifted, _ = pair_source("synthetic:shifted", cfg)
                     summary["eval_shifted"] = self.evaluate(encode_pairs(self.encoder, shifted[:256]))
             else:

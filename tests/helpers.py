@@ -44,19 +44,19 @@ def assert_bitwise_equal(a_list, b_list) -> None:
 
 def meta_grads(tr, micro, groups):
     """The MetaRM gradient of one step of ``tr`` (the step function the trainer calls), grads zeroed first."""
-    from metarm_fast.steps import metarm_grads, zero_grads
+    from metarm_fast.steps import metarm_grads
 
-    zero_grads(tr.params)
-    metrics, _ = metarm_grads(tr.model, tr.meta, [tr.pair_batch(items) for items in micro], tr.meta_batch(groups),
+    tr.weights.zero_grads()
+    metrics, _ = metarm_grads(tr.model, tr.meta, [tr.batcher.pairs(items) for items in micro], tr.batcher.groups(groups),
                               center_coef=tr.cfg.center_coef, second_order=tr.cfg.second_order)
     return metrics
 
 
 def l_grads(tr, micro):
-    from metarm_fast.steps import l_pass, zero_grads
+    from metarm_fast.steps import l_pass
 
-    zero_grads(tr.params)
-    return l_pass(tr.model, [tr.pair_batch(items) for items in micro], tr.cfg.center_coef)
+    tr.weights.zero_grads()
+    return l_pass(tr.model, [tr.batcher.pairs(items) for items in micro], tr.cfg.center_coef)
 
 
 def run_steps(tr, n=None):
@@ -64,5 +64,4 @@ def run_steps(tr, n=None):
     out = []
     for s in range(tr.step, tr.total_steps if n is None else tr.step + n):
         out.append(tr.train_step(*tr.step_inputs(s)))
-        tr.step += 1
     return out

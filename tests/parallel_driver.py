@@ -1,13 +1,21 @@
-"""Run under torchrun by tests/test_parallel.py (not collected by pytest): the MetaRM step on every
-rank of a DDP or FSDP2 run, checked from inside; or the CLI's main, after which the process group
-must be gone (its gloo threads joined) before the interpreter exits.
+"""Run under torchrun by tests/test_parallel.py (not collected by pytest).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_driver.py OUT [--fail-on-rank R]
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_driver.py --cli train ...
+Jobs, run one after another in the same ranks (one launch pays torchrun's and the imports' start-up
+once); after each, the process group must be gone (its gloo threads joined), and the next job makes
+a new one, as a fresh launch would:
+- ``cli``: the CLI's main with these arguments (what ``python -m metarm_fast.cli`` runs) must return 0;
+- ``check``: the MetaRM step on every rank of a DDP or FSDP2 run, checked from inside.
+Rank 0 prints ``job NAME: ok`` after each job that passed; any failure ends the launch.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_driver.py --jobs JOBS.json
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_driver.py --check OUT [--fail-on-rank R]
+
+JOBS.json: a list of {"name": ..., "cli": [argv...]} or {"name": ..., "check": OUT, "parallel": "ddp"|"fsdp"}.
 """
 import argparse
 import glob
 import hashlib
+import json
 import os
 import sys
 
@@ -47,19 +55,15 @@ def check_gloo_threads_gone(rank) -> None:
     assert not left, f"rank {rank}: the process group outlived the shutdown: {left} still run"
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--fail-on-rank", type=int, default=None)
-    ap.add_argument("--parallel", default="ddp")
-    a = ap.parse_args()
+def check_step(out, parallel="ddp", fail_on_rank=None) -> None:
+    """Three MetaRM steps; on every rank: theta' moved, the restore bitwise, the ranks agreeing."""
     cfg = TrainConfig(method="metarm", eta=1e-2, max_steps=3, max_records=64, batch_size=4, meta_batch_size=4,
-                      meta_k=3, max_length=48, tiny_hidden=32, progress=False, output_dir=a.out, overwrite=True,
-                      parallel=a.parallel)
+                      meta_k=3, max_length=48, tiny_hidden=32, progress=False, output_dir=out, overwrite=True,
+                      parallel=parallel)
     tr = RewardTrainer(cfg)
     rank = tr.dist.rank
     for step in range(3):
-        if a.fail_on_rank == rank and step == 1:
+        if fail_on_rank == rank and step == 1:
             raise RuntimeError(f"injected failure on rank {rank}")
         micro, groups = tr.step_inputs(step)
         before = [local(p).detach().clone() for p in tr.weights.params]
@@ -76,28 +80,57 @@ def main():
                                       (stats.numel, stats.changed, stats.realised_sq)))
         assert all(s[2] for s in seen), f"step {step}: the restore was not bitwise on every rank: {seen}"
         assert len({s[4] for s in seen}) == 1, f"step {step}: ranks disagree on the perturbation's stats: {seen}"
-        if a.parallel == "ddp":  # replicas: the same bits everywhere
+        if parallel == "ddp":  # replicas: the same bits everywhere
             assert len({s[:2] for s in seen}) == 1, f"step {step}: ranks differ in grad J or theta': {seen}"
             assert len({s[3] for s in seen}) == 1, f"step {step}: ranks differ in the reduced grad L: {seen}"
         else:  # shards: each rank its own part of the model
             assert stats.numel == sum(p.numel() for p in tr.weights.params), "the stats must cover the whole model"
         tr.optimizer_step()
     dist.barrier()
-    if rank == 0:
-        print(f"restore bitwise on every rank: ok ({a.parallel})")
     del tr
     shutdown_distributed()
-    check_gloo_threads_gone(rank)
 
 
-def main_cli(argv):
+def fresh_group(i: int) -> None:
+    """A new default process group for job ``i`` > 0, on keys of its own in torchrun's store: a group
+    made again under the keys of the destroyed one would read that group's stale addresses. (Job 0
+    leaves it to the trainer, as a fresh launch does.)"""
+    if i == 0:
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"job-{i}", store), rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def run_jobs(path) -> None:
     rank = os.environ.get("RANK")
-    rc = cli.main(argv)
-    check_gloo_threads_gone(rank)
-    return rc
+    with open(path) as f:
+        jobs = json.load(f)
+    for i, job in enumerate(jobs):
+        fresh_group(i)
+        if "cli" in job:
+            rc = cli.main(job["cli"])
+            assert rc == 0, f"rank {rank}: job {job['name']}: the CLI returned {rc}"
+        else:
+            check_step(job["check"], job["parallel"])
+        check_gloo_threads_gone(rank)
+        if rank == "0":
+            print(f"job {job['name']}: ok", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs")
+    ap.add_argument("--check")
+    ap.add_argument("--parallel", default="ddp")
+    ap.add_argument("--fail-on-rank", type=int, default=None)
+    a = ap.parse_args()
+    if a.jobs:
+        run_jobs(a.jobs)
+    else:
+        check_step(a.check, a.parallel, a.fail_on_rank)
+        check_gloo_threads_gone(os.environ.get("RANK"))
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--cli"]:
-        sys.exit(main_cli(sys.argv[2:]))
     main()

@@ -11,7 +11,6 @@ import shutil
 import pytest
 import torch
 
-from metarm_fast.steps import zero_grads
 from metarm_fast.trainer import RewardTrainer
 from tests.helpers import assert_bitwise_equal, meta_grads, snapshot, tiny_config
 
@@ -48,7 +47,7 @@ def test_compiled_rewards_match_plain(trainers):
     with torch.no_grad():
         for s in range(3):  # batches of other lengths: the dynamic-shape graph is reused
             micro, groups = plain.step_inputs(s)
-            for batch in (plain.pair_batch(micro[0]), plain.meta_batch(groups)):
+            for batch in (plain.batcher.pairs(micro[0]), plain.batcher.groups(groups)):
                 worst = max(worst, _rel(comp.model(batch), plain.model(batch)))
     print(f"compiled vs plain rewards: max relative difference {worst:.3g}")
     assert worst <= REWARD_TOL
@@ -58,22 +57,22 @@ def test_compiled_rewards_match_plain(trainers):
 def test_compiled_meta_step_gradients_match_and_restore_is_bitwise(trainers):
     plain, comp = trainers
     micro, groups = plain.step_inputs(0)
-    before = snapshot(comp.params)
+    before = snapshot(comp.weights.params)
     meta_grads(plain, micro, groups)
     meta_grads(comp, micro, groups)
-    assert_bitwise_equal(before, snapshot(comp.params))  # theta back, bit for bit, through compiled code
-    worst = max(_rel(c.grad, p.grad) for c, p in zip(comp.params, plain.params) if p.grad.abs().max() > 0)
+    assert_bitwise_equal(before, snapshot(comp.weights.params))  # theta back, bit for bit, through compiled code
+    worst = max(_rel(c.grad, p.grad) for c, p in zip(comp.weights.params, plain.weights.params) if p.grad.abs().max() > 0)
     print(f"compiled vs plain MetaRM gradients: max relative difference {worst:.3g}")
     assert worst <= GRAD_TOL
     # the compiled modules saw theta' (the perturbation changed the gradient): eta = 0 gives another one
-    g_meta = [c.grad.clone() for c in comp.params]
+    g_meta = [c.grad.clone() for c in comp.weights.params]
     comp.meta.eta = 0.0
     try:
         meta_grads(comp, micro, groups)
     finally:
         comp.meta.eta = comp.cfg.eta
-    assert any(not torch.equal(a, c.grad) for a, c in zip(g_meta, comp.params))
-    zero_grads(comp.params)
+    assert any(not torch.equal(a, c.grad) for a, c in zip(g_meta, comp.weights.params))
+    comp.weights.zero_grads()
 
 
 def test_compile_refuses_a_model_without_norm_or_mlp():

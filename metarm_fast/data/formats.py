@@ -36,7 +36,7 @@ from metarm_fast.data.records import DataError, MetaGroup, PreferencePair, Promp
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
 
-PAIR_FORMATS = ("explicit", "implicit", "hh-rlhf", "summarize", "pku", "oasst")
+PAIR_FORMATS = ("explicit", "implicit", "hh-rlhf", "summarize", "pku", "oasst", "helpsteer3")
 META_FORMATS = ("meta",)
 PROMPT_FORMATS = PAIR_FORMATS + META_FORMATS + ("prompts", "text")
 
@@ -337,6 +337,31 @@ class PKU(Format):
         return [PreferencePair(prompt, r[best], r[1 - best], None, str(loc))]
 
 
+class HelpSteer3(Format):
+    """HelpSteer3's preference records: ``context`` (chat messages, or a string), ``response1``,
+    ``response2`` and ``overall_preference`` in -3..3, negative when response1 is the better one. The
+    sign picks the pair; 0 is a tie, which carries no preference and is counted, not trained on. With
+    ``margin``, |overall_preference| is the pair's Bradley-Terry margin."""
+
+    name = "helpsteer3"
+
+    def __init__(self, margin: bool = False):
+        super().__init__()
+        self.margin = margin
+
+    def convert(self, rec: dict, loc: Loc) -> list[PreferencePair]:
+        prompt = prompt_value(need(rec, "context", loc), loc, "context")
+        r1 = response(need(rec, "response1", loc), loc, "response1")
+        r2 = response(need(rec, "response2", loc), loc, "response2")
+        pref = integer(need(rec, "overall_preference", loc), loc, "overall_preference", tuple(range(-3, 4)))
+        if pref == 0:
+            self.filtered["a tie (overall_preference 0)"] += 1
+            return []
+        chosen, rejected = (r1, r2) if pref < 0 else (r2, r1)
+        different(chosen, rejected, loc, "response2")
+        return [PreferencePair(prompt, chosen, rejected, float(abs(pref)) if self.margin else None, str(loc))]
+
+
 @dataclass
 class _Message:
     loc: Loc
@@ -508,6 +533,8 @@ def detect(rec: dict) -> str | None:
         return "summarize"
     if {"response_0", "response_1"} <= keys:
         return "pku"
+    if {"context", "response1", "response2", "overall_preference"} <= keys:
+        return "helpsteer3"
     if {"message_id", "role", "text"} <= keys:
         return "oasst"
     if {"chosen", "rejected"} <= keys:
@@ -522,7 +549,7 @@ def detect(rec: dict) -> str | None:
 
 
 def make_format(name: str, pku_preference: str = "better", oasst_lang: str | None = None,
-                oasst_keep_flagged: bool = False) -> Format:
+                oasst_keep_flagged: bool = False, helpsteer3_margin: bool = False) -> Format:
     if name == "explicit":
         return Explicit()
     if name == "hh-rlhf":
@@ -535,6 +562,8 @@ def make_format(name: str, pku_preference: str = "better", oasst_lang: str | Non
         return PKU(pku_preference)
     if name == "oasst":
         return Oasst(oasst_lang, oasst_keep_flagged)
+    if name == "helpsteer3":
+        return HelpSteer3(helpsteer3_margin)
     if name == "meta":
         return Meta()
     if name in ("prompts", "text"):

@@ -60,30 +60,116 @@ def hub_options(source: str) -> tuple[str, dict[str, str]]:
     return name, opts
 
 
-def _open_source(source: str, split: str) -> tuple[str, Iterator[Record]]:
-    """(kind, records): kind is "json", "parquet", "text" or "hub"."""
+def describe_source(source) -> str:
+    """How a source is named in messages and reports: a path or hub name as given; in-memory data by
+    its kind and size (never its contents)."""
+    if isinstance(source, str):
+        return source
+    n = len(source) if hasattr(source, "__len__") else "?"
+    return f"<{type(source).__name__} of {n} records>"
+
+
+def _open_source(source, split: str) -> tuple[str, Iterator[Record]]:
+    """(kind, records): kind is "json", "parquet", "text", "hub", "dataset" or "memory"."""
+    if not isinstance(source, str):
+        return "memory", _memory_records(source)
+    path_part, _, query = source.partition("?")
+    if os.path.isdir(os.path.expanduser(path_part)):
+        _, opts = hub_options(source)
+        if not set(opts) - {"split"}:  # with data_dir / name, datasets' own loader reads the folder below
+            return _open_dir(source, os.path.expanduser(path_part), opts.get("split", split))
     if "?" in source:
         return "hub", _hub_records(source, split)
     path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        raise DataError(f"{source}: is a directory; pass a .jsonl, .json or .parquet file (gzip allowed)", location=source)
     if os.path.isfile(path):
-        low = path.lower()
-        if low.endswith(_JSON_EXT):
-            return "json", _json_records(source, path)
-        if low.endswith(".parquet"):
-            return "parquet", _parquet_records(source, path)
-        if low.endswith(".txt"):
-            return "text", _text_records(source, path)
-        if low.endswith(".parquet.gz"):
-            raise DataError(f"{source}: gzipped parquet is not read; parquet is compressed already, so gunzip it", location=source)
-        raise DataError(
-            f"{source}: unsupported file type; use .jsonl, .json (an array or JSON lines) or .parquet, "
-            "optionally gzipped (.jsonl.gz, .json.gz)", location=source,
-        )
+        return _open_file(source, path)
     if _looks_like_path(source):
         raise DataError(f"{source}: no such file", location=source)
     return "hub", _hub_records(source, split)
+
+
+def _open_file(source: str, path: str) -> tuple[str, Iterator[Record]]:
+    low = path.lower()
+    if low.endswith(_JSON_EXT):
+        return "json", _json_records(source, path)
+    if low.endswith(".parquet"):
+        return "parquet", _parquet_records(source, path)
+    if low.endswith(".txt"):
+        return "text", _text_records(source, path)
+    if low.endswith(".parquet.gz"):
+        raise DataError(f"{source}: gzipped parquet is not read; parquet is compressed already, so gunzip it", location=source)
+    raise DataError(
+        f"{source}: unsupported file type; use .jsonl, .json (an array or JSON lines) or .parquet, "
+        "optionally gzipped (.jsonl.gz, .json.gz), a folder of them, or a datasets save_to_disk folder",
+        location=source,
+    )
+
+
+_SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
+_DATA_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+
+
+def _open_dir(source: str, path: str, split: str) -> tuple[str, Iterator[Record]]:
+    """A local folder: a ``datasets`` save_to_disk folder (a Dataset, or a DatasetDict whose ``split``
+    is read), or a folder of .jsonl/.json/.parquet files. Files named for a split (train*.jsonl,
+    test/part-0.parquet, ...) are read for that split only; otherwise every file is read, in name order."""
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
+        return "dataset", _saved_dataset_records(source, path, split)
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                   if f.lower().endswith(_DATA_EXT) and not f.startswith("."))
+    if not files:
+        raise DataError(f"{source}: the folder holds no .jsonl, .json or .parquet file, and is not a folder written by "
+                        "datasets' save_to_disk; pass one of those", location=source)
+
+    def split_of(f: str) -> str | None:
+        parts = os.path.relpath(f, path).lower().split(os.sep)
+        return next((s for part in parts for s in _SPLIT_NAMES if part.startswith(s)), None)
+
+    named = {split_of(f) for f in files} - {None}
+    if named:
+        files = [f for f in files if split_of(f) == split]
+        if not files:
+            raise DataError(f"{source}: no file for split {split!r}; its files are named for the splits "
+                            f"{', '.join(sorted(named))}: pass {source.split('?')[0]}?split=NAME (or --split NAME)",
+                            location=source)
+
+    def records() -> Iterator[Record]:
+        for f in files:
+            yield from _open_file(f, f)[1]
+
+    return "json", records()
+
+
+def _saved_dataset_records(source: str, path: str, split: str) -> Iterator[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:
+        raise DataError(f"{source}: cannot read the save_to_disk folder: {type(e).__name__}: {e}", location=source) from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{source}: a DatasetDict without the split {split!r}; its splits are "
+                            f"{', '.join(ds)}: pass {source.split('?')[0]}?split=NAME (or --split NAME)", location=source)
+        ds, origin = ds[split], f"{source.split('?')[0]}[{split}]"
+    else:
+        origin = source.split("?")[0]
+    for n, rec in enumerate(ds, 1):
+        yield Loc(origin, "record", n), rec
+
+
+def _memory_records(data) -> Iterator[Record]:
+    """Records handed over from Python: a list of dicts, a ``datasets.Dataset`` or a pandas DataFrame."""
+    origin = describe_source(data)
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas
+        rows = data.to_dict(orient="records")
+    elif isinstance(data, (list, tuple)) or hasattr(data, "features"):  # a list, or a datasets.Dataset
+        rows = data
+    else:
+        raise DataError(f"{origin}: data from Python must be a list of dicts, a datasets.Dataset or a pandas "
+                        "DataFrame", location=origin)
+    for n, rec in enumerate(rows, 1):
+        yield Loc(origin, "record", n), rec
 
 
 def _lines(source: str, path: str) -> Iterator[tuple[int, bytes]]:
@@ -261,13 +347,13 @@ def _load(source: str, kind: str, allowed: tuple[str, ...], format: str, split: 
     if pku_preference not in ("better", "safer"):
         raise ValueError(f"pku_preference must be 'better' or 'safer', got {pku_preference!r}")
     if format != "auto" and format not in allowed:
-        raise DataError(f"{source}: format {format!r} cannot be read here; use one of: auto, {', '.join(allowed)}", location=source)
+        raise DataError(f"{describe_source(source)}: format {format!r} cannot be read here; use one of: auto, {', '.join(allowed)}", location=source)
     src_kind, records = _open_source(source, split)
     if src_kind == "text":
         if "text" not in allowed:
             raise DataError(f"{source}: a .txt file holds one prompt a line; only prompts can be loaded from it", location=source)
         format = "text"
-    report = LoadReport(path=source, format=format, kind=kind)
+    report = LoadReport(path=describe_source(source), format=format, kind=kind)
     out = _Collector(report, on_bad_record)
     handler: Format | None = None if format == "auto" else make_format(format, pku_preference, **format_options)
     items: list = []
@@ -298,7 +384,8 @@ def _load(source: str, kind: str, allowed: tuple[str, ...], format: str, split: 
     report.loaded = len(items)
     if not items:
         raise DataError(
-            f"{source}: no usable {kind} ({report.summary()}); check the file and its format", location=source,
+            f"{describe_source(source)}: no usable {kind} ({report.summary()}); check the file and its format",
+            location=describe_source(source),
             reason="no records",
         )
     return items, report
@@ -342,7 +429,8 @@ def read_records(source: str, *, split: str = "train", max_records: int | None =
 
 def load_pairs(source: str, *, format: str = "auto", split: str = "train", on_bad_record: str = "error",
                pku_preference: str = "better", max_records: int | None = None, oasst_lang: str | None = None,
-               oasst_keep_flagged: bool = False) -> tuple[list[PreferencePair], LoadReport]:
+               oasst_keep_flagged: bool = False, helpsteer3_margin: bool = False
+               ) -> tuple[list[PreferencePair], LoadReport]:
     """Preference pairs from a file or hub dataset, and a report of what was read and skipped.
 
     format: "auto" (from the first record's fields) or one of explicit, hh-rlhf, summarize, pku,
@@ -350,9 +438,11 @@ def load_pairs(source: str, *, format: str = "auto", split: str = "train", on_ba
     pku_preference: which PKU-SafeRLHF label makes the pair ("better" or "safer").
     max_records: read at most this many records (lines / rows) of the source.
     oasst_lang, oasst_keep_flagged: oasst1's filters (one language; keep deleted / failed-review rows).
+    helpsteer3_margin: HelpSteer3's |overall_preference| as the pairs' margin.
+    source: a path, a hub name, or records from Python (a list of dicts, a datasets.Dataset, a DataFrame).
     """
     return _load(source, "pairs", PAIR_FORMATS, format, split, on_bad_record, max_records, pku_preference,
-                 oasst_lang=oasst_lang, oasst_keep_flagged=oasst_keep_flagged)
+                 oasst_lang=oasst_lang, oasst_keep_flagged=oasst_keep_flagged, helpsteer3_margin=helpsteer3_margin)
 
 
 def load_meta(source: str, *, format: str = "auto", split: str = "train", on_bad_record: str = "error",
