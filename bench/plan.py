@@ -603,7 +603,7 @@ def validate(hidden: int = 256, layers: int = 4, batch: int = 8, max_length: int
 
         mc = tr.model.config
         shape = Shape("tiny-llama", mc.hidden_size, mc.num_hidden_layers, mc.num_attention_heads,
-                      mc.num_key_value_heads, mc.intermediate_size, tr.model.hf.get_input_embeddings().num_embeddings)
+                      mc.num_key_value_heads, mc.intermediate_size, tr.rm.hf.get_input_embeddings().num_embeddings)
         counted = sum(p.numel() for p in tr.weights.params)
         if counted != shape.counted_params():
             raise AssertionError(f"parameter count of the shape ({shape.counted_params()}) != the model's ({counted})")

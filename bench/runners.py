@@ -18,7 +18,7 @@ from metarm_fast.batch import meta_batch, pair_batch, step_tokens
 from metarm_fast.config import TrainConfig
 from metarm_fast.memory import step_peak_bytes as peak
 from metarm_fast.reference import copy_based_meta_step
-from metarm_fast.steps import j_pass, l_pass, zero_grads
+from metarm_fast.steps import j_pass, l_pass
 from metarm_fast.trainer import RewardTrainer
 
 
@@ -135,8 +135,8 @@ class TrainerRunner(Runner):
         torch.manual_seed(cfg.seed)
         self.tr = RewardTrainer(cfg, log=lambda *a, **k: None)
         if init_state is not None:
-            self.tr.model.hf.load_state_dict(init_state)
-        self.model = self.tr.model.hf
+            self.tr.rm.hf.load_state_dict(init_state)
+        self.model = self.tr.rm.hf
         self.counter = TokenCounter(self.model)
 
     def groups(self, i: int):
@@ -147,10 +147,9 @@ class TrainerRunner(Runner):
         m = self.last_metrics = self.tr.train_step(self.batches[i], groups)
         if "skipped" in m:
             raise RuntimeError(f"{self.label}: step {i} was skipped: {m['skipped']}")
-        self.tr.step += 1
 
     def measure_peak(self, i: int) -> None:
-        self.peak_bytes = peak(self.tr, lambda: self.step(i))
+        self.peak_bytes = peak(self.tr.weights, self.tr.optimizer, lambda: self.step(i))
 
 
 class VanillaRunner(TrainerRunner):
@@ -190,11 +189,11 @@ class CopyRunner(TrainerRunner):
     def step(self, i: int) -> float:
         groups = self.groups(i)
         t0 = now()
-        zero_grads(self.tr.params)  # as train_step does
-        copy_based_meta_step(self.tr, self.batches[i], groups)
-        t = now() - t0
-        self.tr.step += 1
-        return t
+        tr = self.tr
+        tr.weights.zero_grads()  # as train_step does
+        copy_based_meta_step(tr.model, tr.weights, tr.optimizer, tr.batcher, self.batches[i], groups, eta=tr.cfg.eta,
+                             center_coef=tr.cfg.center_coef, scheduler=tr.scheduler, max_grad_norm=tr.cfg.max_grad_norm)
+        return now() - t0
 
 
 class PartsRunner(TrainerRunner):
@@ -211,14 +210,13 @@ class PartsRunner(TrainerRunner):
     def step(self, i: int) -> float:
         tr = self.tr
         t0 = now()
-        j_pass(tr.model, tr.meta_batch(self.groups(i)))
+        j_pass(tr.model, tr.batcher.groups(self.groups(i)))
         t1 = now()
-        l_pass(tr.model, [tr.pair_batch(items) for items in self.batches[i]], tr.cfg.center_coef)
+        l_pass(tr.model, [tr.batcher.pairs(items) for items in self.batches[i]], tr.cfg.center_coef)
         t2 = now()
         tr.optimizer_step()
-        zero_grads(tr.params)
+        tr.weights.zero_grads()
         t3 = now()
-        tr.step += 1
         self._last = {"J": t1 - t0, "L": t2 - t1, "opt": t3 - t2}
         return t3 - t0
 

@@ -202,13 +202,13 @@ def run(a, argv, packings: list[str], methods: list[str]) -> dict:
             if not torch.equal(v, w):
                 raise RuntimeError(f"{r.label}: initial weights differ from the first runner's at {k}")
 
-    nflop = flop_params(first.model.hf)
+    nflop = flop_params(first.rm.hf)
     nparams = sum(p.numel() for p in first.model.parameters())
     attn = ", ".join(dict.fromkeys(f"{r.label} {r.model.config._attn_implementation}" for r in runners
                                    if not isinstance(r, (MetaRunner, CopyRunner, PartsRunner))))
     print(f"throughput: {a.model} (hidden {a.hidden}, {a.layers} layers, {nparams:,} params, {nflop:,} without the "
           f"embedding), attention: {attn}; {first.cfg.precision}, data {a.data} "
-          f"({len(first.train_pairs)} pairs), batch {a.batch}, {a.warmup} warm-up + {a.steps} timed steps"
+          f"({len(first.data.train_pairs)} pairs), batch {a.batch}, {a.warmup} warm-up + {a.steps} timed steps"
           f"{f' (each the fastest of {a.repeat})' if a.repeat > 1 else ''}, "
           f"packing {','.join(packings)}, methods {','.join(methods)}; device {env['device']}, "
           f"{torch.get_num_threads()} threads, load {env['loadavg_start']}; built in {build_s:.1f} s")
@@ -223,7 +223,7 @@ def run(a, argv, packings: list[str], methods: list[str]) -> dict:
     # recommended layout (share-prompt when it ran, else the first mode): the GEMMs' own size.
     ref_layout = "share-prompt" if "share-prompt" in packings else packings[0]
     pass_tokens = statistics.median(layout_tokens(batches[i], ref_layout) for i in timed)
-    hf_config = first.model.hf.config
+    hf_config = first.rm.hf.config
     pf, peak_note = peak_flops(first.cfg.precision, a.peak_flops, hf_config, int(pass_tokens))
     rows = [make_row(r, nflop, pf, hf_config) for r in live if r.times]
     metarm_over_parts = {}
@@ -282,14 +282,14 @@ def build_runners(a, packings: list[str], methods: list[str], skip):
             if batches is None:
                 batches = [r.tr.step_inputs(s)[0] for s in range(r.tr.total_steps)]
                 r.batches = batches
-                init_state = {k: v.detach().clone() for k, v in r.tr.model.hf.state_dict().items()}
+                init_state = {k: v.detach().clone() for k, v in r.tr.rm.hf.state_dict().items()}
                 first = r.tr
             runners.append(r)
     if batches is None and not any(m in classes for m in methods):  # TRL alone: a trainer only for the batches
         src = VanillaRunner(build_config(a, "none"), "none", None, None)
         first = src.tr
         batches = [first.step_inputs(s)[0] for s in range(first.total_steps)]
-        init_state = {k: v.detach().clone() for k, v in first.model.hf.state_dict().items()}
+        init_state = {k: v.detach().clone() for k, v in first.rm.hf.state_dict().items()}
     if batches is None:
         raise SystemExit("no runner could be built (see above)")
     if "trl" in methods:

@@ -11,13 +11,13 @@ bookkeeping (all cheap here). TRL has no padding-free reward training, so it run
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import torch
 
 from bench.runners import Runner, TokenCounter, now
 from metarm_fast.config import TrainConfig
 from metarm_fast.memory import step_peak_bytes as peak
+from metarm_fast.weights import Weights
 
 
 class TrlRunner(Runner):
@@ -139,11 +139,6 @@ class TrlRunner(Runner):
         batch = len(self.batches[0][0])
         rows = [ds[k] for k in range(i * batch, (i + 1) * batch)]
         inputs = self.trainer.data_collator(rows)
-        shim = SimpleNamespace(
-            rm=self.model,
-            params=[p for p in self.model.parameters() if p.requires_grad],
-            optimizer=getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer),
-            masters=None,
-        )
-        self.peak_bytes = peak(shim, lambda: self._update(dict(inputs)))
+        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        self.peak_bytes = peak(Weights(self.model), optimizer, lambda: self._update(dict(inputs)))
 

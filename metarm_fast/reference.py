@@ -48,9 +48,9 @@ def copy_based_meta_grads(model, batcher, micro_batches, meta_groups, *, eta: fl
 
 
 def copy_based_meta_step(model, weights, optimizer, batcher, micro_batches, meta_groups, *, eta: float,
-                         center_coef: float = 0.0, max_grad_norm: float = 0.0) -> dict:
+                         center_coef: float = 0.0, scheduler=None, max_grad_norm: float = 0.0) -> dict:
     """One MetaRM step through a deep copy of ``model``, then the usual optimizer step on ``weights``
-    (a ``metarm_fast.weights.Weights``; no schedule is advanced)."""
+    (a ``metarm_fast.weights.Weights``), advancing ``scheduler`` when one is given."""
     out = copy_based_meta_grads(model, batcher, micro_batches, meta_groups, eta=eta, center_coef=center_coef)
     with torch.no_grad():
         for p, g in zip(weights.params, out["grads"]):
@@ -58,5 +58,5 @@ def copy_based_meta_step(model, weights, optimizer, batcher, micro_batches, meta
                 p.grad = g.clone()
             else:
                 p.grad.copy_(g)
-    grad_norm = weights.step(optimizer, max_grad_norm=max_grad_norm)
+    grad_norm = weights.step(optimizer, scheduler, max_grad_norm)
     return {"loss": out["loss"], "J": out["J"], "grad_norm": grad_norm, "pairs": out["pairs"]}
