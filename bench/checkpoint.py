@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     for _ in range(a.repeats):
         fresh = RewardTrainer(cfg, log=lambda *x: None)
         t0 = time.perf_counter()
-        fresh.load_state_dict_from(path)
+        fresh.checkpointer.load(path)
         reads.append(time.perf_counter() - t0)
     n = sum(p.numel() for p in tr.weights.params)
     per_param = disk / n
