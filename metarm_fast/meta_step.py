@@ -38,18 +38,19 @@ from metarm_fast.kernels import Perturbation, PerturbStats, perturb_
 
 
 class MetaStep:
-    """Owns the perturb -> L pass -> restore transaction over ``params`` (and their fp32 ``masters``).
+    """Owns the perturb -> L pass -> restore transaction over ``weights`` (a ``metarm_fast.weights.Weights``:
+    the params, and their fp32 masters when there are any).
 
     ``direction``: "sgd" (d = grad J, the paper's) or "adam" (grad J preconditioned by the second
-    moments of ``optimizer`` over ``opt_params``; plain grad J before its first step)."""
+    moments ``optimizer`` keeps for the weights' opt_params; plain grad J before its first step)."""
 
-    def __init__(self, params, masters=None, *, eta: float, direction: str = "sgd", optimizer=None, opt_params=None):
-        self.params = list(params)
-        self.masters = list(masters) if masters is not None else None
+    def __init__(self, weights, *, eta: float, direction: str = "sgd", optimizer=None):
+        self.params = list(weights.params)
+        self.masters = list(weights.masters) if weights.masters is not None else None
         self.eta = eta
         self.direction = direction
         self.optimizer = optimizer
-        self.opt_params = opt_params if opt_params is not None else self.params
+        self.opt_params = weights.opt_params
         # FSDP2: the parameters are DTensors holding this rank's shard. Each rank perturbs its own
         # shards with its shard of the reduce-scattered grad J; the restore cannot ride on tensor hooks
         # (they do not fire on DTensor parameters), so z waits in its grad shard, set aside.

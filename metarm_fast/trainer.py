@@ -80,8 +80,7 @@ class RewardTrainer:
         self.optimizer = make_optimizer(cfg, self.weights.opt_params, sharded=self.fsdp)
         self.total_steps = count_steps(cfg, len(self.data.train_pairs))
         self.scheduler = make_scheduler(cfg, self.optimizer, self.total_steps)
-        self.meta = MetaStep(self.weights.params, self.weights.masters, eta=cfg.eta, direction=cfg.meta_direction,
-                             optimizer=self.optimizer, opt_params=self.weights.opt_params)
+        self.meta = MetaStep(self.weights, eta=cfg.eta, direction=cfg.meta_direction, optimizer=self.optimizer)
         self.pair_sampler = EpochSampler(len(self.data.train_pairs), cfg.batch_size * cfg.grad_accum, cfg.seed,
                                          _PAIR_STREAM)
         self.meta_sampler = (EpochSampler(len(self.data.meta_groups), cfg.meta_batch_size, cfg.seed, _META_STREAM)
