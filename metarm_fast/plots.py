@@ -40,7 +40,7 @@ def save_gap_histogram(gaps: torch.Tensor, path: str, baseline: torch.Tensor | N
     series = [(name, g, color) for name, g, color in series if g.numel()]  # an empty series has no mean
     top = max((float(g.max()) for _, g, _ in series), default=1.0)
     bins = torch.linspace(0.0, max(top, 1e-6), 41).tolist()
-    fig, axes = plt.subplots(max(len(series), 1), 1, figsize=(5.5, 1.2 + 1.9 * max(len(series), 1)), sharex=True,
+    fig, axes = plt.subplots(max(len(series), 1), 1, figsize=(5.5, 1.2 + 1.9 * max(len(series), 1)), sharex=True, sharey=True,
                              squeeze=False)
     for ax, (name, g, color) in zip(axes[:, 0], series):
         mean, median = float(g.mean()), float(g.median())
