@@ -28,6 +28,14 @@ class EncodedPair:
 
 
 @dataclass
+class EncodedGroup:
+    """A k-response record, encoded: its sequences (sharing one prompt) and their scores (higher better)."""
+
+    seqs: list[EncodedSeq]
+    scores: tuple[float, ...]
+
+
+@dataclass
 class RewardBatch:
     input_ids: torch.Tensor  # (B, T) padded, (1, T) packed
     position_ids: torch.Tensor  # same shape
@@ -38,6 +46,7 @@ class RewardBatch:
     offsets: torch.Tensor | None = None  # (G+1,) meta groups: sequences of group g are [offsets[g], offsets[g+1])
     pairs: bool = False  # pairs: rewards come out as [chosen..., rejected...]
     margin: torch.Tensor | None = None  # (n,) per-pair margins
+    scores: torch.Tensor | None = None  # (N,) ranked groups: each sequence's score, higher better
 
     @property
     def num_sequences(self) -> int:
@@ -106,6 +115,14 @@ def meta_batch(groups: list[list[EncodedSeq]], layout: str, pad_id, *, padding_s
     return b
 
 
+def ranked_batch(items: list[EncodedGroup], layout: str, pad_id, *, padding_side: str = "right",
+                 dense_mask: bool = True) -> RewardBatch:
+    """k-response records -> a group batch (``offsets``) with each sequence's score in ``scores``."""
+    b = meta_batch([it.seqs for it in items], layout, pad_id, padding_side=padding_side, dense_mask=dense_mask)
+    b.scores = torch.tensor([s for it in items for s in it.scores], dtype=torch.float32)
+    return b
+
+
 class Batcher:
     """The one owner of a run's batch layout: pairs and meta groups become ``RewardBatch``es in the
     configured layout, with the mask the model asks for, on the run's device."""
@@ -122,6 +139,14 @@ class Batcher:
     def pairs(self, items: list[EncodedPair]) -> RewardBatch:
         return pair_batch(items, self.layout, self.pad_id, padding_side=self.padding_side,
                           dense_mask=self.dense_mask).to(self.device)
+
+    def ranked(self, items: list[EncodedGroup]) -> RewardBatch:
+        return ranked_batch(items, self.layout, self.pad_id, padding_side=self.padding_side,
+                            dense_mask=self.dense_mask).to(self.device)
+
+    def train(self, items) -> RewardBatch:
+        """A training micro-batch: pairs, or k-response groups."""
+        return self.ranked(items) if items and isinstance(items[0], EncodedGroup) else self.pairs(items)
 
     def groups(self, groups: list[list[EncodedSeq]]) -> RewardBatch:
         return meta_batch(groups, self.layout, self.pad_id, padding_side=self.padding_side,

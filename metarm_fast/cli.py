@@ -99,6 +99,8 @@ def _print_summary(trainer, summary: dict) -> None:
     if "eval" in summary:
         e = summary["eval"]
         rows.append(("eval accuracy", f"{e['accuracy']:.3f} on {e['pairs']} pairs ({describe_data(cfg.eval_data) if cfg.eval_data is not None else f'{cfg.eval_fraction:.0%} of the train data, held out'})"))
+        if "best_of_k" in e:
+            rows.append(("eval best-of-k", f"{e['best_of_k']:.3f} over {e['groups']} records (top-rewarded response is a top-scored one)"))
         rows.append(("eval reward mean/std", f"{e['reward_mean']:.3f} / {e['reward_std']:.3f}"))
     if "train_rewards" in summary:
         e = summary["train_rewards"]

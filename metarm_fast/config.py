@@ -35,7 +35,8 @@ class TrainConfig:
     eval_data: str | None = _f(None, "held-out pairs; default: the synthetic eval split when training on 'synthetic'")
     eval_fraction: float = _f(0.0, "hold out this fraction of the training pairs (shuffled by seed) for evaluation when no eval_data is given")
     meta_data: str | None = _f(None, "meta set (prompt + k responses) for --method metarm; default: synthetic shifted set")
-    data_format: str = _f("auto", "record format", ("auto", "explicit", "implicit", "hh-rlhf", "summarize", "pku", "oasst", "helpsteer3"))
+    data_format: str = _f("auto", "record format", ("auto", "explicit", "implicit", "hh-rlhf", "summarize", "pku", "oasst", "helpsteer3", "ranked",
+                                                 "ultrafeedback", "nectar", "chosen-rejected-lists"))
     pku_preference: str = _f("better", "PKU-SafeRLHF: which label makes the pair", ("better", "safer"))
     oasst_lang: str | None = _f(None, "oasst1: keep the messages of this language only (their `lang`, e.g. en); default: all")
     oasst_keep_flagged: bool = _f(False, "oasst1: keep deleted messages and those that failed review (left out by default, with their replies)")
@@ -48,6 +49,8 @@ class TrainConfig:
     packing: str = _f("auto", "batch layout: none (padded), pack (sequences end to end, no padding), share-prompt (each prompt once, its responses after it; same rewards, fewest tokens); auto: share-prompt for decoder models, none for encoders", ("auto", "none", "pack", "share-prompt"))
     padding_side: str = _f("right", "where padding goes (rewards are read by position either way)", ("right", "left"))
     # -- optimisation ---------------------------------------------------------------------------
+    group_loss: str = _f("bt", "k-response records (ranked, ultrafeedback, nectar, chosen-rejected-lists): bt (Bradley-Terry over every ordered pair of different scores, each record weighted as one) or pl (Plackett-Luce, listwise)", ("bt", "pl"))
+    score_margin: float = _f(0.0, "k-response records, --group-loss bt: margin of each pair = this x its score difference")
     batch_size: int = _f(8, "preference pairs per micro-batch, in all: with torchrun, split across the ranks")
     grad_accum: int = _f(1, "micro-batches per optimizer step (same result as a batch_size*grad_accum batch)")
     max_steps: int = _f(-1, "optimizer steps; -1: run `epochs` epochs")
@@ -140,6 +143,10 @@ class TrainConfig:
         if self.lora_r and self.precision == "bf16-master":
             raise ValueError("config: --lora-r with --precision bf16-master is not supported (the merged export would "
                              "come from the bf16 copy); use fp32, or bf16 for a bf16 base model")
+        if not (math.isfinite(self.score_margin) and self.score_margin >= 0):
+            raise ValueError(f"config: score_margin must be finite and >= 0, got {self.score_margin}")
+        if self.score_margin and self.group_loss == "pl":
+            raise ValueError("config: score_margin applies to --group-loss bt only (Plackett-Luce has no pairs)")
         if self.threads < 0:
             raise ValueError(f"config: threads must be >= 0 (0: automatic), got {self.threads}")
         if self.max_steps == 0 or self.max_steps < -1:

@@ -8,7 +8,7 @@ import torch
 
 from metarm_fast.config import TrainConfig
 from metarm_fast.batch import EncodedPair, meta_batch, pair_batch
-from metarm_fast.data import Encoder, read_records
+from metarm_fast.data import Encoder, RankedGroup, read_records
 from metarm_fast.model import RewardModel, check_local_path, ensure_pad_token, from_pretrained_checked
 from metarm_fast.sources import pair_source
 
@@ -79,7 +79,7 @@ def evaluate_checkpoint(model_dir: str, data: str, *, data_format=None, max_leng
     """Accuracy and reward statistics of a saved reward model on ``data``. The encoding settings left
     None come from the run that trained the model (so pairs are encoded as in training), else from
     TrainConfig's defaults; the ones used are in the result's ``settings``."""
-    from metarm_fast.scoring import pair_metrics
+    from metarm_fast.scoring import group_metrics, pair_metrics
 
     check_local_path("--model", model_dir)  # before the data is read
     given = {"max_length": max_length, "data_format": data_format, "chat_template": chat_template,
@@ -105,7 +105,11 @@ def evaluate_checkpoint(model_dir: str, data: str, *, data_format=None, max_leng
                       split=split, pku_preference=settings["pku_preference"])
     pairs, report = pair_source(data, cfg)  # read and checked before the model is loaded
     model, tok = load_checkpoint(model_dir)
-    rc, rr, truncated = score_pairs(model, tok, pairs, settings["max_length"], batch_size, settings["chat_template"])
-    out = pair_metrics(rc, rr)
+    if isinstance(pairs[0], RankedGroup):  # k-response records: pairwise accuracy and best-of-k
+        rewards, truncated = score_groups(model, tok, pairs, settings["max_length"], batch_size, settings["chat_template"])
+        out = group_metrics([torch.tensor(r) for r in rewards], [g.scores for g in pairs])
+    else:
+        rc, rr, truncated = score_pairs(model, tok, pairs, settings["max_length"], batch_size, settings["chat_template"])
+        out = pair_metrics(rc, rr)
     out.update(truncated=truncated, skipped=dict(report.skipped), data=data, model=model_dir, settings=used)
     return out

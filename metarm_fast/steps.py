@@ -59,6 +59,50 @@ def l_pass(model, batches, center_coef: float = 0.0, loss_fn=None, *, info=None,
     return {"loss": loss_sum / total, "accuracy": correct / total, "pairs": total}
 
 
+def ordered_pairs(scores: torch.Tensor, offsets: torch.Tensor) -> int:
+    """Ordered pairs (i better than j) inside the groups: the training signal of k-response records."""
+    n = 0
+    for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        s = scores[a:b]
+        n += int((s[:, None] > s[None, :]).sum())
+    return n
+
+
+def pairs_right(r: torch.Tensor, scores: torch.Tensor, offsets: torch.Tensor) -> int:
+    """Ordered pairs whose rewards agree with their scores (strictly)."""
+    n = 0
+    for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        s, x = scores[a:b], r[a:b]
+        n += int(((s[:, None] > s[None, :]) & (x[:, None] > x[None, :])).sum())
+    return n
+
+
+def group_pass(model, batches, *, kind: str = "bt", margin_scale: float = 0.0, info=None, global_groups=None) -> dict:
+    """Forward/backward of the group loss over micro-batches of k-response records, each micro-batch
+    weighted by its share of the step's records (each record one unit). Returns the loss, the
+    accuracy over ordered pairs, and the step's record and ordered-pair counts (all ranks summed)."""
+    from metarm_fast.kernels import group_loss
+
+    world = info.world_size if info is not None else 1
+    local = sum(b.offsets.numel() - 1 for b in batches)
+    total = global_groups if global_groups is not None else local
+    loss_sum = right = pairs = 0.0
+    for i, b in enumerate(batches):
+        n = b.offsets.numel() - 1
+        r = model(b)
+        loss = group_loss(r, b.scores, b.offsets, kind=kind, margin_scale=margin_scale)
+        if not all_finite(loss, info):
+            raise NonFiniteLoss("L", float(loss.detach()))
+        with no_sync(model, last=i == len(batches) - 1):
+            (loss * (n * world / total)).backward()
+        loss_sum += loss.item() * n
+        scores, offsets, rd = b.scores.cpu(), b.offsets.cpu(), r.detach().float().cpu()
+        pairs += ordered_pairs(scores, offsets)
+        right += pairs_right(rd, scores, offsets)
+    loss_sum, right, pairs = sum_over_ranks([loss_sum, float(right), float(pairs)], info)
+    return {"loss": loss_sum / total, "accuracy": right / max(pairs, 1.0), "pairs": int(pairs), "groups": total}
+
+
 def j_pass(model, batch, impl: str = "auto", *, info=None, global_groups=None):
     """J at the current weights and its backward; returns (J, rewards).
 
@@ -91,7 +135,8 @@ def group_gaps(r: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef: float = 0.0,
-                 second_order: bool = False, loss_fn=None, info=None, global_pairs=None, global_groups=None) -> dict:
+                 second_order: bool = False, loss_fn=None, info=None, global_pairs=None, global_groups=None,
+                 l_pass_fn=None) -> dict:
     """grad_{theta'} L(theta') in the .grad buffers (plus eta * H_J grad L with ``second_order``), the
     weights back at theta. Returns (metrics: L's, J and the perturbation's; its PerturbStats). Data parallel:
     see ``l_pass`` and ``j_pass``; every rank perturbs with the same all-reduced grad J."""
@@ -101,7 +146,8 @@ def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef
     with meta.perturbed(micro_batches=len(pair_batches)) as stats:
         if stats.nonfinite:  # counted by the perturbation pass itself: no separate sweep over grad J
             raise NonFiniteLoss("grad J", float("nan"))
-        m = l_pass(model, pair_batches, center_coef, loss_fn, info=info, global_pairs=global_pairs)
+        m = l_pass_fn() if l_pass_fn is not None else \
+            l_pass(model, pair_batches, center_coef, loss_fn, info=info, global_pairs=global_pairs)
     if second_order:
         params = meta.params
         second_order_correction_(params, lambda: difference_loss(model(meta_batch), meta_batch.offsets,

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from metarm_fast.batch import EncodedPair
+from metarm_fast.batch import EncodedGroup, EncodedPair
 from metarm_fast.config import describe_data
+from metarm_fast.data import RankedGroup
 from metarm_fast.sources import meta_source, pair_source
 
 
@@ -19,11 +20,15 @@ class TrainData:
     reports: list = field(default_factory=list)  # (which, load report) per source, for the summary
 
 
-def encode_pairs(encoder, pairs) -> list[EncodedPair]:
+def encode_pairs(encoder, items) -> list:
+    """Preference pairs -> EncodedPairs; k-response records (RankedGroups) -> EncodedGroups."""
     out = []
-    for p in pairs:
-        c, r = encoder.encode_pair(p)
-        out.append(EncodedPair(c, r, p.margin))
+    for it in items:
+        if isinstance(it, RankedGroup):
+            out.append(EncodedGroup(encoder.encode_group(it), it.scores))
+        else:
+            c, r = encoder.encode_pair(it)
+            out.append(EncodedPair(c, r, it.margin))
     return out
 
 
@@ -80,7 +85,7 @@ def check_known_tokens(cfg, tokenizer, train_pairs, limit: float = 0.5) -> None:
         return
     total = known = 0
     for it in train_pairs[:2000]:
-        for seq in (it.chosen, it.rejected):
+        for seq in (it.seqs if isinstance(it, EncodedGroup) else (it.chosen, it.rejected)):
             ids = seq.prompt_ids + seq.response_ids
             total += len(ids)
             known += sum(1 for t in ids if t != unk)

@@ -35,7 +35,7 @@ from metarm_fast.run_log import RunLog
 from metarm_fast.sampler import EpochSampler
 from metarm_fast.scoring import evaluate_pairs, meta_gaps
 from metarm_fast.sources import pair_source
-from metarm_fast.steps import NonFiniteLoss, l_pass, metarm_grads
+from metarm_fast.steps import NonFiniteLoss, group_pass, l_pass, metarm_grads
 from metarm_fast.stop import StopRequest
 from metarm_fast.threads import busy_warning, set_threads
 from metarm_fast.tracking import check_installed, parse_report_to
@@ -112,21 +112,28 @@ class RewardTrainer:
         stops the run."""
         cfg = self.cfg
         self.weights.zero_grads()
-        batches = [self.batcher.pairs(items) for items in micro_batches]
+        batches = [self.batcher.train(items) for items in micro_batches]
         meta = self.batcher.groups(meta_groups) if meta_groups is not None else None
-        # The step's global numbers of pairs and meta groups: step_inputs shards full global batches.
+        # The step's global numbers of pairs (or k-response records) and meta groups: step_inputs
+        # shards full global batches.
         if self.dist.distributed:
-            global_pairs, global_groups = cfg.batch_size * len(micro_batches), cfg.meta_batch_size
+            global_items, global_groups = cfg.batch_size * len(micro_batches), cfg.meta_batch_size
         else:
-            global_pairs, global_groups = sum(len(b) for b in micro_batches), len(meta_groups or ())
+            global_items, global_groups = sum(len(b) for b in micro_batches), len(meta_groups or ())
+        if batches[0].scores is not None:  # k-response records: the group loss over each record
+            def l_pass_fn():
+                return group_pass(self.model, batches, kind=cfg.group_loss, margin_scale=cfg.score_margin,
+                                  info=self.dist, global_groups=global_items)
+        else:
+            def l_pass_fn():
+                return l_pass(self.model, batches, cfg.center_coef, info=self.dist, global_pairs=global_items)
         try:
             if meta is not None:
-                m, stats = metarm_grads(self.model, self.meta, batches, meta, center_coef=cfg.center_coef,
-                                        second_order=cfg.second_order, info=self.dist,
-                                        global_pairs=global_pairs, global_groups=global_groups)
+                m, stats = metarm_grads(self.model, self.meta, batches, meta, second_order=cfg.second_order,
+                                        info=self.dist, global_groups=global_groups, l_pass_fn=l_pass_fn)
                 self._warn_if_vanished(stats)
             else:
-                m = l_pass(self.model, batches, cfg.center_coef, info=self.dist, global_pairs=global_pairs)
+                m = l_pass_fn()
         except NonFiniteLoss as e:
             self.weights.zero_grads()
             if cfg.on_nonfinite == "stop":

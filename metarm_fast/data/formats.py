@@ -31,12 +31,14 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from metarm_fast.data.records import DataError, MetaGroup, PreferencePair, Prompt, bad_record
+from metarm_fast.data.records import DataError, MetaGroup, PreferencePair, Prompt, RankedGroup, bad_record
 
 ASSISTANT_TAG = "\n\nAssistant:"
 HUMAN_TAG = "\n\nHuman:"
 
-PAIR_FORMATS = ("explicit", "implicit", "hh-rlhf", "summarize", "pku", "oasst", "helpsteer3")
+# Formats of k-response records, read as RankedGroups (trained as groups, evaluated pair by pair).
+RANKED_FORMATS = ("ranked", "ultrafeedback", "nectar", "chosen-rejected-lists")
+PAIR_FORMATS = ("explicit", "implicit", "hh-rlhf", "summarize", "pku", "oasst", "helpsteer3") + RANKED_FORMATS
 META_FORMATS = ("meta",)
 PROMPT_FORMATS = PAIR_FORMATS + META_FORMATS + ("prompts", "text")
 
@@ -337,6 +339,89 @@ class PKU(Format):
         return [PreferencePair(prompt, r[best], r[1 - best], None, str(loc))]
 
 
+def _number(value: object, loc: Loc, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad_record(str(loc), field, f"expected a finite number, got {value!r}", "wrong-type field")
+    return float(value)
+
+
+class _Ranked(Format):
+    """Common to the k-response formats: a group needs two responses of different levels."""
+
+    def group(self, prompt, responses: list[str], scores: list[float], loc: Loc) -> list[RankedGroup]:
+        if len(set(scores)) < 2:
+            self.filtered["fewer than two distinct scores"] += 1
+            return []
+        return [RankedGroup(prompt, tuple(responses), tuple(scores), str(loc))]
+
+    @staticmethod
+    def _list(rec: dict, key: str, loc: Loc) -> list:
+        v = need(rec, key, loc)
+        if not isinstance(v, list):
+            raise bad_record(str(loc), key, f"expected a list, got {_type_name(v)}", "wrong-type field")
+        return v
+
+
+class Ranked(_Ranked):
+    """``{"prompt", "responses": [...], "scores": [...]}`` (higher better) or ``"ranks": [...]`` (1 best)."""
+
+    name = "ranked"
+
+    def convert(self, rec: dict, loc: Loc) -> list[RankedGroup]:
+        prompt = prompt_value(need(rec, "prompt", loc), loc)
+        rs = [response(r, loc, f"responses[{i}]") for i, r in enumerate(self._list(rec, "responses", loc))]
+        key = "scores" if "scores" in rec else "ranks"
+        vals = [_number(v, loc, f"{key}[{i}]") for i, v in enumerate(self._list(rec, key, loc))]
+        if len(vals) != len(rs):
+            raise bad_record(str(loc), key, f"{len(vals)} {key} for {len(rs)} responses", "length mismatch")
+        return self.group(prompt, rs, vals if key == "scores" else [-v for v in vals], loc)
+
+
+class UltraFeedback(_Ranked):
+    """UltraFeedback's raw layout: ``instruction``, ``completions`` of ``{"response", "overall_score"}``."""
+
+    name = "ultrafeedback"
+
+    def convert(self, rec: dict, loc: Loc) -> list[RankedGroup]:
+        prompt = prompt_value(need(rec, "instruction", loc), loc, "instruction")
+        rs, scores = [], []
+        for i, c in enumerate(self._list(rec, "completions", loc)):
+            if not isinstance(c, dict):
+                raise bad_record(str(loc), f"completions[{i}]", f"expected an object, got {_type_name(c)}", "wrong-type field")
+            rs.append(response(need(c, "response", loc), loc, f"completions[{i}].response"))
+            scores.append(_number(need(c, "overall_score", loc), loc, f"completions[{i}].overall_score"))
+        return self.group(prompt, rs, scores, loc)
+
+
+class Nectar(_Ranked):
+    """Nectar's layout: ``prompt`` (an HH-style transcript), ``answers`` of ``{"answer", "rank"}`` (1 best)."""
+
+    name = "nectar"
+
+    def convert(self, rec: dict, loc: Loc) -> list[RankedGroup]:
+        prompt = prompt_value(need(rec, "prompt", loc), loc)
+        rs, scores = [], []
+        for i, a in enumerate(self._list(rec, "answers", loc)):
+            if not isinstance(a, dict):
+                raise bad_record(str(loc), f"answers[{i}]", f"expected an object, got {_type_name(a)}", "wrong-type field")
+            rs.append(response(need(a, "answer", loc), loc, f"answers[{i}].answer"))
+            scores.append(-_number(need(a, "rank", loc), loc, f"answers[{i}].rank"))
+        return self.group(prompt, rs, scores, loc)
+
+
+class ChosenRejectedLists(_Ranked):
+    """``prompt``, ``chosen`` and ``rejected`` as lists of response strings (RewardBench 2's shape):
+    every chosen response is better than every rejected one; those within a list are ties."""
+
+    name = "chosen-rejected-lists"
+
+    def convert(self, rec: dict, loc: Loc) -> list[RankedGroup]:
+        prompt = prompt_value(need(rec, "prompt", loc), loc)
+        c = [response(r, loc, f"chosen[{i}]") for i, r in enumerate(self._list(rec, "chosen", loc))]
+        r = [response(x, loc, f"rejected[{i}]") for i, x in enumerate(self._list(rec, "rejected", loc))]
+        return self.group(prompt, c + r, [1.0] * len(c) + [0.0] * len(r), loc)
+
+
 class HelpSteer3(Format):
     """HelpSteer3's preference records: ``context`` (chat messages, or a string), ``response1``,
     ``response2`` and ``overall_preference`` in -3..3, negative when response1 is the better one. The
@@ -527,8 +612,17 @@ class Prompts(Format):
 def detect(rec: dict) -> str | None:
     """The format a record's fields say it is in, or None."""
     keys = set(rec)
+    if {"prompt", "responses"} <= keys and keys & {"scores", "ranks"}:
+        return "ranked"
     if {"prompt", "responses"} <= keys:
         return "meta"
+    if {"instruction", "completions"} <= keys:
+        return "ultrafeedback"
+    if {"prompt", "answers"} <= keys:
+        return "nectar"
+    if {"chosen", "rejected"} <= keys and all(isinstance(rec[k], list) and rec[k] and all(isinstance(x, str) for x in rec[k])
+                                             for k in ("chosen", "rejected")):
+        return "chosen-rejected-lists"
     if {"info", "summaries"} <= keys:
         return "summarize"
     if {"response_0", "response_1"} <= keys:
@@ -564,6 +658,14 @@ def make_format(name: str, pku_preference: str = "better", oasst_lang: str | Non
         return Oasst(oasst_lang, oasst_keep_flagged)
     if name == "helpsteer3":
         return HelpSteer3(helpsteer3_margin)
+    if name == "ranked":
+        return Ranked()
+    if name == "ultrafeedback":
+        return UltraFeedback()
+    if name == "nectar":
+        return Nectar()
+    if name == "chosen-rejected-lists":
+        return ChosenRejectedLists()
     if name == "meta":
         return Meta()
     if name in ("prompts", "text"):

@@ -20,9 +20,9 @@ from contextlib import closing
 from typing import Iterator
 
 from metarm_fast.data.formats import (
-    META_FORMATS, PAIR_FORMATS, PROMPT_FORMATS, Format, Loc, Oasst, detect, make_format,
+    META_FORMATS, PAIR_FORMATS, PROMPT_FORMATS, RANKED_FORMATS, Format, Loc, Oasst, detect, make_format,
 )
-from metarm_fast.data.records import DataError, LoadReport, MetaGroup, PreferencePair, Prompt, bad_record
+from metarm_fast.data.records import DataError, LoadReport, MetaGroup, PreferencePair, Prompt, RankedGroup, bad_record
 
 _JSON_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _PATHLIKE_EXT = _JSON_EXT + (".parquet", ".txt", ".gz", ".csv", ".tsv", ".arrow")
@@ -373,6 +373,8 @@ def _load(source: str, kind: str, allowed: tuple[str, ...], format: str, split: 
             if handler is None:
                 handler = make_format(_detect(rec, loc, allowed, kind), pku_preference, **format_options)
                 report.format = handler.name
+            if handler.name in RANKED_FORMATS and kind == "pairs":
+                report.kind = "groups"  # k-response records: one ranked group each
             try:
                 items.extend(handler.convert(rec, loc))
             except DataError as e:
@@ -466,7 +468,7 @@ def load_prompts(source: str, *, format: str = "auto", split: str = "train", on_
     seen: set = set()
     prompts: list[Prompt] = []
     for it in items:
-        p = it.prompt if isinstance(it, (PreferencePair, MetaGroup)) else it
+        p = it.prompt if isinstance(it, (PreferencePair, MetaGroup, RankedGroup)) else it
         key = _prompt_key(p)
         if key not in seen:
             seen.add(key)

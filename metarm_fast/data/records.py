@@ -41,6 +41,17 @@ class MetaGroup:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class RankedGroup:
+    """One prompt with k >= 2 labelled responses: ``scores[i]`` is response i's level, higher is
+    better (ranks are stored negated). Responses of equal score are ties: they give no pair."""
+
+    prompt: Prompt
+    responses: tuple[str, ...]
+    scores: tuple[float, ...]
+    source: str = ""
+
+
 class DataError(ValueError):
     """Bad input. The message names the file, the line or record, the field, and what to do.
 
