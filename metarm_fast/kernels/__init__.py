@@ -8,6 +8,9 @@ path on CPU tensors; ``impl=`` or METARM_FAST_KERNELS overrides that (see ``_dis
   kernel to).
 - ``difference_loss``: MetaRM's J over groups of k responses per prompt, fused forward+backward;
   ``difference_loss_reference`` likewise.
+- ``group_loss``: preference loss over groups of k scored responses per prompt (all pairs
+  Bradley-Terry, or listwise Plackett-Luce), fused forward+backward; ``group_loss_reference``
+  likewise.
 - ``perturb_`` / ``restore_``: the meta step's in-place theta + eta * d and its bit-exact undo.
   perturb_ returns a ``Perturbation``: the realised-perturbation statistics (``PerturbStats``, also
   what the meta step reports) and the restore of that call, whole or one tensor at a time (a
@@ -18,6 +21,7 @@ path on CPU tensors; ``impl=`` or METARM_FAST_KERNELS overrides that (see ``_dis
 from ._triton import HAS_TRITON
 from .bt_loss import BTLossFunction, bt_loss, bt_loss_reference
 from .difference_loss import DifferenceLossFunction, difference_loss, difference_loss_reference
+from .group_loss import GroupLossFunction, group_loss, group_loss_reference
 from .perturb import perturb_, restore_
 from .perturb_spec import PerturbStats
 from .perturbation import Perturbation, RestorePlan
@@ -30,6 +34,9 @@ __all__ = [
     "difference_loss",
     "difference_loss_reference",
     "DifferenceLossFunction",
+    "group_loss",
+    "group_loss_reference",
+    "GroupLossFunction",
     "perturb_",
     "restore_",
     "Perturbation",
