@@ -49,6 +49,7 @@ class TrainConfig:
     packing: str = _f("auto", "batch layout: none (padded), pack (sequences end to end, no padding), share-prompt (each prompt once, its responses after it; same rewards, fewest tokens); auto: share-prompt for decoder models, none for encoders", ("auto", "none", "pack", "share-prompt"))
     padding_side: str = _f("right", "where padding goes (rewards are read by position either way)", ("right", "left"))
     # -- optimisation ---------------------------------------------------------------------------
+    meta_diagnostic_every: int = _f(0, "MetaRM: every N steps also compute grad L at theta on the same batch and log how much the meta step changed it (meta_grad_rel_change, meta_grad_cosine); costs one more L forward/backward on those steps; 0: off")
     group_loss: str = _f("bt", "k-response records (ranked, ultrafeedback, nectar, chosen-rejected-lists): bt (Bradley-Terry over every ordered pair of different scores, each record weighted as one) or pl (Plackett-Luce, listwise)", ("bt", "pl"))
     score_margin: float = _f(0.0, "k-response records, --group-loss bt: margin of each pair = this x its score difference")
     batch_size: int = _f(8, "preference pairs per micro-batch, in all: with torchrun, split across the ranks")
@@ -124,6 +125,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "meta_batch_size", "meta_k", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.meta_diagnostic_every < 0:
+            raise ValueError(f"config: meta_diagnostic_every must be >= 0 (0: off), got {self.meta_diagnostic_every}")
         if self.eval_every < 0:
             raise ValueError(f"config: eval_every must be >= 0 (0: off), got {self.eval_every}")
         from metarm_fast.tracking import parse_report_to

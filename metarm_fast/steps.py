@@ -165,3 +165,41 @@ def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef
         meta_restore_ms=stats.restore_s * 1e3,
     )
     return m, stats
+
+
+@torch.no_grad()
+def _sq_sums(a: list[torch.Tensor], b: list[torch.Tensor], info) -> tuple[float, float, float]:
+    """(sum a.b, sum a.a, sum b.b) in float64 over every rank's tensors (FSDP2: this rank's shards)."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    dot = aa = bb = 0.0
+    for x, y in zip(a, b):
+        x, y = local(x).double(), local(y).double()
+        dot += float((x * y).sum())
+        aa += float((x * x).sum())
+        bb += float((y * y).sum())
+    if info is not None and info.distributed and any(hasattr(t, "to_local") for t in a):
+        dot, aa, bb = sum_over_ranks([dot, aa, bb], info)
+    return dot, aa, bb
+
+
+def gradient_change(params, l_pass_fn, info=None) -> dict:
+    """With grad L(theta') in the .grad buffers and the weights back at theta: run ``l_pass_fn`` once
+    more at theta, and return how much the meta step changed the update, ``meta_grad_rel_change`` =
+    ||grad L(theta') - grad L(theta)|| / ||grad L(theta)|| and ``meta_grad_cosine`` between the two.
+    The .grad buffers hold grad L(theta') again on return. Costs one more L forward/backward and one
+    gradient-sized copy."""
+    g_prime = [p.grad.detach().clone() for p in params]
+    for p in params:
+        p.grad.zero_()
+    l_pass_fn()
+    g0 = [p.grad.detach() for p in params]
+    dot, pp, oo = _sq_sums(g_prime, g0, info)
+    diff_sq = max(pp - 2 * dot + oo, 0.0)
+    out = {"meta_grad_rel_change": (diff_sq ** 0.5) / max(oo ** 0.5, 1e-30),
+           "meta_grad_cosine": dot / max((pp * oo) ** 0.5, 1e-30)}
+    with torch.no_grad():
+        for p, g in zip(params, g_prime):
+            p.grad.copy_(g)
+    return out

@@ -35,7 +35,7 @@ from metarm_fast.run_log import RunLog
 from metarm_fast.sampler import EpochSampler
 from metarm_fast.scoring import evaluate_pairs, meta_gaps
 from metarm_fast.sources import pair_source
-from metarm_fast.steps import NonFiniteLoss, group_pass, l_pass, metarm_grads
+from metarm_fast.steps import NonFiniteLoss, gradient_change, group_pass, l_pass, metarm_grads
 from metarm_fast.stop import StopRequest
 from metarm_fast.threads import busy_warning, set_threads
 from metarm_fast.tracking import check_installed, parse_report_to
@@ -132,6 +132,8 @@ class RewardTrainer:
                 m, stats = metarm_grads(self.model, self.meta, batches, meta, second_order=cfg.second_order,
                                         info=self.dist, global_groups=global_groups, l_pass_fn=l_pass_fn)
                 self._warn_if_vanished(stats)
+                if cfg.meta_diagnostic_every and (self.step + 1) % cfg.meta_diagnostic_every == 0:
+                    m.update(gradient_change(self.weights.params, l_pass_fn, self.dist))
             else:
                 m = l_pass_fn()
         except NonFiniteLoss as e:
