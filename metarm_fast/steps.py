@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from metarm_fast.kernels import bt_loss, difference_loss
+from metarm_fast.kernels import bt_loss, difference_loss, group_loss
 from metarm_fast.meta_step import MetaStep, second_order_correction_
 from metarm_fast.parallel import all_finite, no_sync, sum_over_ranks
 
@@ -81,8 +81,6 @@ def group_pass(model, batches, *, kind: str = "bt", margin_scale: float = 0.0, i
     """Forward/backward of the group loss over micro-batches of k-response records, each micro-batch
     weighted by its share of the step's records (each record one unit). Returns the loss, the
     accuracy over ordered pairs, and the step's record and ordered-pair counts (all ranks summed)."""
-    from metarm_fast.kernels import group_loss
-
     world = info.world_size if info is not None else 1
     local = sum(b.offsets.numel() - 1 for b in batches)
     total = global_groups if global_groups is not None else local
