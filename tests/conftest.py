@@ -6,9 +6,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Triton's interpreter must be switched on before any @triton.jit function is defined, or the
 # kernels fail with "0 active drivers" on a machine without a GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory):
+    """{setting: folder} of tests/cli_runs.py's reference CLI runs, made once per session."""
+    from tests.cli_runs import start_reference_runs
+
+    return start_reference_runs(tmp_path_factory.mktemp("reference"))
+

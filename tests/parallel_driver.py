@@ -4,15 +4,15 @@ Jobs, run one after another in the same ranks (one launch pays torchrun's and th
 once); after each, the process group must be gone (its gloo threads joined), and the next job makes
 a new one, as a fresh launch would:
 - ``cli``: the CLI's main with these arguments (what ``python -m metarm_fast.cli`` runs) must return 0;
-- ``check``: the MetaRM step on every rank of a DDP or FSDP2 run, checked from inside.
+- ``check``: the MetaRM step on every rank of a DDP or FSDP2 run, checked from inside (with
+  ``fail_on_rank``: that rank raises during its second step, which must end the launch).
 Rank 0 prints ``job NAME: ok`` after each job that passed; any failure ends the launch.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_driver.py --jobs JOBS.json
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_driver.py --check OUT [--fail-on-rank R]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_driver.py JOBS.json
 
-JOBS.json: a list of {"name": ..., "cli": [argv...]} or {"name": ..., "check": OUT, "parallel": "ddp"|"fsdp"}.
+JOBS.json: a list of {"name": ..., "cli": [argv...]} or
+{"name": ..., "check": OUT, "parallel": "ddp"|"fsdp"[, "fail_on_rank": R]}.
 """
-import argparse
 import glob
 import hashlib
 import json
@@ -112,25 +112,11 @@ def run_jobs(path) -> None:
             rc = cli.main(job["cli"])
             assert rc == 0, f"rank {rank}: job {job['name']}: the CLI returned {rc}"
         else:
-            check_step(job["check"], job["parallel"])
+            check_step(job["check"], job["parallel"], job.get("fail_on_rank"))
         check_gloo_threads_gone(rank)
         if rank == "0":
             print(f"job {job['name']}: ok", flush=True)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs")
-    ap.add_argument("--check")
-    ap.add_argument("--parallel", default="ddp")
-    ap.add_argument("--fail-on-rank", type=int, default=None)
-    a = ap.parse_args()
-    if a.jobs:
-        run_jobs(a.jobs)
-    else:
-        check_step(a.check, a.parallel, a.fail_on_rank)
-        check_gloo_threads_gone(os.environ.get("RANK"))
-
-
 if __name__ == "__main__":
-    main()
+    run_jobs(sys.argv[1])
