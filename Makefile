@@ -1,11 +1,12 @@
-# Two commands, each doing its own set-up on a fresh machine:
+# Commands, each doing its own set-up on a fresh machine:
 #   make demo   installs what is missing, then trains with MetaRM on the embedded default
 #               (tiny Llama, synthetic preference task and meta set; offline)
 #   make test   installs what is missing, then runs the test suite
+#   make test-fast   the same without the tests marked slow (processes started: CLI, torchrun) or bench
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 
-.PHONY: install demo demo-vanilla test
+.PHONY: install demo demo-vanilla test test-fast
 
 # A torch already present (a GPU user's) is kept; with none, torch 2.13.0 is installed first, from
 # TORCH_INDEX when it is set (on Linux, PyPI's wheel is the CUDA build; for the CPU-only one:
@@ -40,3 +41,6 @@ demo-vanilla: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+test-fast: install
+	$(PYTHON) -m pytest -q tests -m "not slow and not bench"

@@ -22,3 +22,9 @@ def reference_runs(tmp_path_factory):
 
     return start_reference_runs(tmp_path_factory.mktemp("reference"))
 
+
+def pytest_collection_modifyitems(items):
+    """The tests of the bench/ modules are tests/test_bench_*.py: each is marked ``bench``."""
+    for item in items:
+        if item.path.name.startswith("test_bench_"):
+            item.add_marker(pytest.mark.bench)

@@ -130,6 +130,7 @@ def test_figures_compare_against_the_initial_model_on_the_same_samples(tmp_path)
     assert [s for s, _ in curves["loss"]] == [1, 2, 3, 4, 5] and [s for s, _ in curves["eval_accuracy"]] == [5]
 
 
+@pytest.mark.slow
 def test_trackio_and_wandb_offline_get_the_metrics(tmp_path):
     """Where they are installed (optional extras; not in `make test`): a CLI run reporting to both,
     offline. trackio's local store is read back; wandb's offline run is found in the output folder."""
