@@ -18,6 +18,7 @@ ENV.pop("TRITON_INTERPRET", None)  # as a user's shell has it: the commands set 
 # The smallest setting of each bench the README gives, writing under OUT.
 SMALLEST = {
     "bench.shift": ["--quick", "--out", "{OUT}"],
+    "bench.gpu_check": ["--dry-run", "--out", "{OUT}/report.json"],
 }
 
 

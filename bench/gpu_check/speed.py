@@ -1,0 +1,127 @@
+"""Section ``speed``: ``--compile`` and ``--liger`` against the eager step, in the recommended setting.
+
+Three trainers load the same model folder (so the same weights): eager, ``compile=True``
+(metarm_fast.compile: RMSNorm and MLP modules through inductor) and ``liger=True`` (Liger-Kernel's
+RMSNorm, SwiGLU and RoPE; GPU only, needs liger-kernel). On the same pair and meta batches:
+
+- rewards against an fp32 truth (the eager model loaded in fp32): the variant's error at most
+  ERR_FACTOR x the eager bf16 model's, plus a floor (the kernel tests' rule);
+- one MetaRM step each from the same weights and batch: loss and J against the eager step's
+  (the same rule on |variant - truth| is not available for a step, so the difference is recorded
+  and bounded by the rewards' measured error);
+- step time (the first steps compile; the median of the timed ones is reported) against eager's.
+
+Liger patches transformers' Llama RoPE for the whole process, so it is built last. On a CPU dry
+run --liger is refused (no GPU kernels) and --compile is skipped (inductor on the CPU takes ~20 s,
+tests/test_compile.py holds it to the eager model) unless ``--cpu-compile`` is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from bench.gpu_check.model import recommended_config
+from bench.gpu_check.report import Skip
+
+# The rule of bench.gpu_check.attention (measured there on the CPU: ratios <= 1.03); here the variant
+# changes the element-wise kernels instead of attention.
+ERR_FACTOR = 4.0
+FLOOR_ULPS = 2.0
+
+
+def variants(ctx, rec) -> list[str]:
+    from metarm_fast.liger import liger_unavailable
+    from metarm_fast.model import build_tiny_llama
+
+    out = []
+    if ctx.cuda or ctx.cpu_compile:
+        out.append("compile")
+    else:
+        rec.skip_part("compile", "CPU dry run: inductor takes ~20 s here (tests/test_compile.py checks --compile on "
+                                 "the CPU; --cpu-compile runs it here)")
+    why = liger_unavailable(build_tiny_llama(16, 0))
+    if why:
+        rec.skip_part("liger", why)
+    else:
+        out.append("liger")
+    return out
+
+
+def run(ctx, rec) -> None:
+    from metarm_fast.model import RewardModel, load_model
+    from metarm_fast.trainer import RewardTrainer
+
+    names = variants(ctx, rec)
+    if not names:
+        raise Skip("; ".join(f"{k}: {v}" for k, v in rec.skipped.items()))
+    n = ctx.warmup + ctx.steps
+    base = recommended_config(ctx.model_dir(), ctx.workload, n + 1, ctx.run_dir("speed"))
+    rec.tolerance("ERR_FACTOR", ERR_FACTOR, "variant's reward error vs fp32 <= factor x eager bf16's + floor "
+                                            "(bench.gpu_check.attention's rule)")
+    trainers = {"eager": RewardTrainer(base, log=ctx.log)}
+    eager = trainers["eager"]
+    micro, groups = eager.step_inputs(0)
+    batches = {"pairs": eager.batcher.pairs(micro[0]), "meta": eager.batcher.groups(groups)}
+    truth_model = RewardModel(load_model(dataclasses.replace(eager.cfg, precision="fp32", activation_checkpointing=False),
+                                         eager.tokenizer)).to(ctx.device).eval()
+    with torch.no_grad():
+        truth = {k: truth_model(b).double().cpu() for k, b in batches.items()}
+    del truth_model
+    for name in names:  # liger last: it patches the Llama module for the process
+        trainers[name] = RewardTrainer(dataclasses.replace(base, output_dir=ctx.run_dir(name), **{name: True}), log=ctx.log)
+
+    def rewards(tr):
+        tr.model.eval()
+        with torch.no_grad():
+            out = {k: tr.model(b).double().cpu() for k, b in batches.items()}
+        tr.model.train()
+        return out
+
+    errors = {}
+    for name, tr in trainers.items():
+        t0 = time.perf_counter()
+        r = rewards(tr)
+        errors[name] = {k: float((r[k] - truth[k]).abs().max() / truth[k].abs().max()) for k in r}
+        errors[name]["first_forward_s"] = time.perf_counter() - t0
+    rec.measure(reward_errors=errors)
+    floor = FLOOR_ULPS * 2.0**-23
+    for name in names:
+        for k in batches:
+            limit = ERR_FACTOR * errors["eager"][k] + floor
+            rec.check(f"{name} {k} rewards: error vs fp32 within {ERR_FACTOR:g}x eager's", errors[name][k] <= limit,
+                      f"{errors[name][k]:.3g}", f"{limit:.3g}", f"eager bf16: {errors['eager'][k]:.3g}")
+
+    times, first = {}, {}
+    for name, tr in trainers.items():
+        times[name] = []
+        for s in range(n):
+            m_in = tr.step_inputs(s)
+            sync(ctx)
+            t0 = time.perf_counter()
+            m = tr.train_step(*m_in)
+            sync(ctx)
+            if s == 0:
+                first[name] = {"loss": m.get("loss"), "J": m.get("J"), "seconds": time.perf_counter() - t0}
+            elif s >= ctx.warmup:
+                times[name].append(time.perf_counter() - t0)
+            if not rec.check(f"{name} step {s}: finite, not skipped", "skipped" not in m and m["loss"] == m["loss"],
+                             m.get("skipped", m.get("loss"))):
+                break
+    for name in names:
+        for k in ("loss", "J"):
+            diff = abs(first[name][k] - first["eager"][k]) / max(abs(first["eager"][k]), 1e-12)
+            bound = 2 * (ERR_FACTOR * max(errors["eager"][b] for b in batches) + floor)
+            rec.check(f"{name}: first MetaRM step's {k} vs eager's", diff <= bound, f"{diff:.3g}", f"{bound:.3g}",
+                      "bound: twice the rewards' allowed error")
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    rec.measure(first_step=first, step_s=med,
+                speedup_over_eager={k: med["eager"] / v for k, v in med.items() if k != "eager" and "eager" in med},
+                _headline=["speedup_over_eager"])
+
+
+def sync(ctx) -> None:
+    if ctx.cuda:
+        torch.cuda.synchronize()
