@@ -22,7 +22,7 @@ def _worktree_dirty() -> bool | None:
         return None
 
 
-def full_environment(argv) -> dict:
+def full_environment(argv, module: str = "bench.throughput") -> dict:
     cwd = os.getcwd()
     try:
         os.chdir(REPO)  # environment() asks git in the working directory
@@ -46,6 +46,6 @@ def full_environment(argv) -> dict:
         python=platform.python_version(),
         torch_threads=torch.get_num_threads(),
         loadavg_start=[round(x, 2) for x in os.getloadavg()],
-        command="python -m bench.throughput " + " ".join(argv),
+        command=f"python -m {module} " + " ".join(argv),
     )
     return env

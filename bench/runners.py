@@ -5,6 +5,9 @@ Tokens computed are counted by a hook on the input embedding (what the model rea
 counts of a step (what its layout predicts, the padded yardstick, the real tokens) are the library's
 own: ``metarm_fast.batch.step_tokens`` over the step's batches built in that layout, the count the
 trainer reports as its ``tokens`` metric.
+
+A step's items are pairs (``EncodedPair``) or k-response records (``EncodedGroup``, trained as groups:
+bench.groups); the helpers below take either.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import time
 import torch
 
 from bench.flops import attention_pairs
-from metarm_fast.batch import meta_batch, pair_batch, step_tokens
+from metarm_fast.batch import EncodedGroup, meta_batch, pair_batch, ranked_batch, step_tokens
 from metarm_fast.config import TrainConfig
 from metarm_fast.memory import step_peak_bytes as peak
 from metarm_fast.reference import copy_based_meta_step
@@ -30,15 +33,32 @@ def now() -> float:
 
 
 def step_groups(micro_batches) -> list:
-    """A step's pairs as groups: each prompt with its two responses (the MetaRM meta batch of the bench)."""
-    return [[p.chosen, p.rejected] for mb in micro_batches for p in mb]
+    """A step's items as groups: each prompt with its responses, a pair's two or a record's k (the MetaRM
+    meta batch of the bench)."""
+    return [list(it.seqs) if isinstance(it, EncodedGroup) else [it.chosen, it.rejected]
+            for mb in micro_batches for it in mb]
+
+
+def signal_pairs(item) -> int:
+    """Ordered pairs with different scores an item trains on: a pair 1, a k-response record #(s_i > s_j)."""
+    if isinstance(item, EncodedGroup):
+        return sum(a > b for a in item.scores for b in item.scores)
+    return 1
+
+
+def train_batch(items, layout: str):
+    """A micro-batch as the trainer builds it (``Batcher.train``): k-response records as a group batch,
+    pairs as a pair batch; no pad value (None pads with 0) and no mask, neither changes a count."""
+    if items and isinstance(items[0], EncodedGroup):
+        return ranked_batch(items, layout, None, dense_mask=False)
+    return pair_batch(items, layout, None, dense_mask=False)
 
 
 def layout_tokens(micro_batches, layout: str, meta: bool = False) -> int:
-    """Tokens of a step over these micro-batches of pairs in `layout`, as the library counts them
-    (``step_tokens``): its pair batches and, with `meta`, the meta batch of its own groups. Neither the
-    pad value (None pads with 0) nor the mask changes a count, so no mask is built."""
-    batches = [pair_batch(mb, layout, None, dense_mask=False) for mb in micro_batches]
+    """Tokens of a step over these micro-batches (of pairs or of k-response records) in `layout`, as the
+    library counts them (``step_tokens``): its training batches and, with `meta`, the meta batch of its
+    own groups."""
+    batches = [train_batch(mb, layout) for mb in micro_batches]
     groups = meta_batch(step_groups(micro_batches), layout, None, dense_mask=False) if meta else None
     return step_tokens(batches, groups)
 
@@ -75,6 +95,7 @@ class Runner:
         self.steps: list[int] = []
         self.peak_bytes: int | None = None
         self.extra: dict = {}
+        self.trained: list[int | None] = []  # per timed step: the ordered pairs the step itself says it trained on
 
     @property
     def label(self) -> str:
@@ -108,11 +129,13 @@ class Runner:
         n = self.counter.take()
         if not hasattr(self, "first_computed"):
             self.first_computed = (i, n)
+            self.first_loss = self.step_loss()  # at the initial weights, which every runner shares
         self.best = record and (rep == 0 or t < self.times[-1])
         if record and rep == 0:
             self.times.append(t)
             self.computed.append(n)
             self.steps.append(i)
+            self.trained.append(self.trained_pairs())
         elif self.best:
             self.times[-1] = t
 
@@ -125,6 +148,14 @@ class Runner:
 
     def measure_peak(self, i: int) -> None:
         pass
+
+    def trained_pairs(self) -> int | None:
+        """The labelled pairs (ordered pairs of different scores) the last step reports it trained on."""
+        return None
+
+    def step_loss(self) -> float | None:
+        """The training loss the last step reports (for a MetaRM step: at theta')."""
+        return None
 
 
 class TrainerRunner(Runner):
@@ -150,6 +181,14 @@ class TrainerRunner(Runner):
 
     def measure_peak(self, i: int) -> None:
         self.peak_bytes = peak(self.tr.weights, self.tr.optimizer, lambda: self.step(i))
+
+    def trained_pairs(self) -> int | None:
+        m = getattr(self, "last_metrics", None)  # l_pass and group_pass count them ("pairs")
+        return m.get("pairs") if m else None
+
+    def step_loss(self) -> float | None:
+        m = getattr(self, "last_metrics", None)
+        return m.get("loss") if m else None
 
 
 class VanillaRunner(TrainerRunner):

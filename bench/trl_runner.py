@@ -4,10 +4,12 @@ A model with the same class, size, attention backend and initial weights as ours
 datasets.Dataset of the same token ids (`chosen_ids`/`rejected_ids`, TRL's processed format, in the
 same order: sequential sampler), with TRL's own collator, optimizer (its default, fused AdamW) and
 scheduler, prepared by Trainer's own `_prepare_for_training`. One step = what Trainer's inner loop
-does per optimizer step: next batch from `get_train_dataloader()` (collation happens there; our steps
-collate inside train_step too), `training_step`, clip to max_grad_norm, `optimizer.step()`,
+does per optimizer step: the step's micro-batches from `get_train_dataloader()` (its own
+`get_batch_samples`; collation happens there, our steps collate inside train_step too), `training_step`
+on each (the loss divided by their number, as Trainer does), clip to max_grad_norm, `optimizer.step()`,
 `lr_scheduler.step()`, `model.zero_grad()`. Not included: its callbacks, logging and FLOP
 bookkeeping (all cheap here). TRL has no padding-free reward training, so it runs padded only.
+Each step's micro-batches are the runner's `batches[i]` (every one of the same number of pairs).
 """
 from __future__ import annotations
 
@@ -98,11 +100,15 @@ class TrlRunner(Runner):
             raise RuntimeError("trl: activation checkpointing differs from ours")
         self.checked_batch = False
 
-    def _update(self, inputs) -> None:
+    def _update(self, micro: list[dict]) -> None:
         tt = self.trainer
         # set by Trainer's loop before each optimizer step; training_step divides the loss by it
-        tt.current_gradient_accumulation_steps = tt.args.gradient_accumulation_steps
-        tt.training_step(self.model, inputs)
+        tt.current_gradient_accumulation_steps = len(micro)
+        self.last_pairs = sum(inputs["input_ids"].shape[0] // 2 for inputs in micro)  # [chosen..., rejected...]
+        loss = 0.0
+        for inputs in micro:
+            loss += tt.training_step(self.model, inputs, None)
+        self.last_loss = float(loss)
         if tt.args.max_grad_norm > 0:
             tt._clip_grad_norm(self.model)
         tt.optimizer.step()
@@ -111,34 +117,45 @@ class TrlRunner(Runner):
         tt.state.global_step += 1
 
     def step(self, i: int) -> float:
-        if i == self.next_i - 1:  # --repeat: the batch its dataloader gave last time (no new fetch)
-            inputs = dict(self.last_inputs)
+        if i == self.next_i - 1:  # --repeat: the micro-batches its dataloader gave last time (no new fetch)
+            micro = [dict(inputs) for inputs in self.last_inputs]
             t0 = now()
-            self._update(inputs)
+            self._update(micro)
             return now() - t0
         if i != self.next_i:
             raise RuntimeError(f"trl: steps must come in order (asked for {i}, next is {self.next_i})")
         self.next_i += 1
         t0 = now()
-        inputs = self.last_inputs = next(self.iter)
-        check = None if self.checked_batch else inputs["input_ids"].clone()
-        self._update(inputs)
+        micro, _ = self.trainer.get_batch_samples(self.iter, len(self.batches[i]), self.model.device)
+        self.last_inputs = [dict(inputs) for inputs in micro]
+        check = None if self.checked_batch else [inputs["input_ids"].clone() for inputs in micro]
+        self._update(micro)
         t = now() - t0
-        if check is not None:  # the same batch as ours, token for token (outside the timing)
+        if check is not None:  # the same batches as ours, token for token (outside the timing)
             from metarm_fast.data import collate
 
-            seqs = [p.chosen for mb in self.batches[i] for p in mb] + [p.rejected for mb in self.batches[i] for p in mb]
-            ours = collate(seqs, self.trainer.processing_class.pad_token_id)["input_ids"]
-            if not torch.equal(ours, check.cpu()):
-                raise RuntimeError("trl: its batch differs from ours (order or padding)")
+            pad = self.trainer.processing_class.pad_token_id
+            for mb, theirs in zip(self.batches[i], check, strict=True):
+                ours = collate([p.chosen for p in mb] + [p.rejected for p in mb], pad)["input_ids"]
+                if not torch.equal(ours, theirs.cpu()):
+                    raise RuntimeError("trl: its batch differs from ours (order or padding)")
             self.checked_batch = True
         return t
 
+    def trained_pairs(self) -> int:
+        return self.last_pairs
+
+    def step_loss(self) -> float:
+        return self.last_loss
+
     def measure_peak(self, i: int) -> None:
         ds = self.trainer.train_dataset
-        batch = len(self.batches[0][0])
-        rows = [ds[k] for k in range(i * batch, (i + 1) * batch)]
-        inputs = self.trainer.data_collator(rows)
+        batch, n_micro = len(self.batches[0][0]), len(self.batches[0])
+        start = i * n_micro * batch
+        micro = [self.trainer.data_collator([ds[k] for k in range(s, s + batch)])
+                 for s in range(start, start + n_micro * batch, batch)]
+        device = self.model.device
+        micro = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in m.items()} for m in micro]
         optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
-        self.peak_bytes = peak(Weights(self.model), optimizer, lambda: self._update(dict(inputs)))
+        self.peak_bytes = peak(Weights(self.model), optimizer, lambda: self._update([dict(m) for m in micro]))
 
