@@ -129,6 +129,31 @@ def test_runner_time_limit_errors_and_report_after_each_section(tmp_path, monkey
     assert only.sections[0].status == "fail" and exit_code(only.sections) == 0
 
 
+@pytest.mark.slow
+def test_isolated_sections_a_crash_and_a_hang_are_recorded(tmp_path, monkeypatch):
+    """--isolate (the default on a GPU): each section in a child process; a child that dies before
+    recording, or outlives its limit, is recorded as failed with its output, and the run goes on."""
+    from bench.gpu_check import isolate, runner
+    from bench.gpu_check.report import Report, exit_code
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(isolate, "GRACE_S", 0.0)
+    report = Report(str(tmp_path / "r.json"), {})
+    argv = ["--dry-run", "--out", str(tmp_path / "ignored.json")]
+    crash = isolate.run_isolated(runner.Section("nosuch", "a section the child does not know", "x", 60), argv,
+                                 str(tmp_path), report, 60, log=lambda *a: None)
+    assert crash.status == "fail" and "exited with code" in crash.reason and "Traceback" in crash.measurements["output_tail"]
+    hang = isolate.run_isolated(runner.SECTIONS[0], argv, str(tmp_path), report, 0.5, log=lambda *a: None)
+    assert hang.status == "fail" and "killed" in hang.reason
+    ok = isolate.run_isolated(runner.SECTIONS[2], argv, str(tmp_path), report, 120, log=lambda *a: None)
+    assert ok.status == "pass" and ok.measurements["memory"]
+    on_disk = json.loads((tmp_path / "r.json").read_text())
+    assert [s["status"] for s in on_disk["sections"]] == ["fail", "fail", "pass"]
+    assert exit_code(report.sections) == 1
+    assert isolate.child_argv(["--dry-run", "--only", "step", "--out=x.json", "--size", "toy", "--isolate"]) == \
+        ["--dry-run", "--size", "toy"]
+
+
 def test_kernel_bounds_are_the_kernel_suites():
     from bench.gpu_check import kernels
     from tests.kernel_tests import tolerances

@@ -115,7 +115,7 @@ def run(ctx, rec) -> None:
     truth = rewards_and_grads(model("sdpa", torch.float64), padded, w)
     rec.measure(model=dict(shape.__dict__), sequences=padded.num_sequences, padded_tokens=padded.num_tokens)
     ratios = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.bfloat16, torch.float32):  # bf16 first: what training computes in
         name = str(dtype).removeprefix("torch.")
         ref = rewards_and_grads(model("sdpa", dtype), padded, w)
         ref_err = [rel_error(ref[0], truth[0]), rel_error(ref[1], truth[1])]
@@ -123,27 +123,33 @@ def run(ctx, rec) -> None:
         for attn, layouts, dtypes in backends:
             if dtype not in dtypes:
                 continue
-            rm = model(attn, dtype)
             for layout in layouts:
-                batch = meta_batch(groups, layout, 0, dense_mask=False).to(dev)
+                key = f"{attn} {layout} {name}"
+                if rec.time_left() < 25:  # a compile may take that long: stop cleanly, recorded
+                    rec.skip_part(key, f"{rec.time_left():.0f} s left in the section")
+                    continue
                 t0 = time.perf_counter()
-                got = rewards_and_grads(rm, batch, w)
+                try:
+                    batch = meta_batch(groups, layout, 0, dense_mask=False).to(dev)
+                    got = rewards_and_grads(model(attn, dtype), batch, w)
+                except Exception as e:  # noqa: BLE001 - the other backends and layouts still run
+                    rec.check(f"{key}: runs forward and backward", False, f"{type(e).__name__}: {str(e)[:300]}")
+                    continue
                 seconds = time.perf_counter() - t0
                 for i, what in enumerate(("rewards", "gradients")):
                     err = rel_error(got[i], truth[i])
                     limit = ERR_FACTOR * ref_err[i] + floor
-                    key = f"{attn} {layout} {name} {what}"
-                    ratios[key] = {"error": err, "reference_error": ref_err[i], "ratio": err / max(ref_err[i], floor),
+                    ratios[f"{key} {what}"] = {"error": err, "reference_error": ref_err[i], "ratio": err / max(ref_err[i], floor),
                                    "vs_reference": rel_error(got[i], ref[i]), "first_call_s": round(seconds, 3),
                                    "tokens": batch.num_tokens}
-                    rec.check(f"{key}: error vs fp64 within {ERR_FACTOR:g}x padded SDPA's", err <= limit,
+                    rec.check(f"{key} {what}: error vs fp64 within {ERR_FACTOR:g}x padded SDPA's", err <= limit,
                               f"{err:.3g}", f"{limit:.3g}", f"padded SDPA {name}: {ref_err[i]:.3g}")
-            del rm
-        rec.measure(ratios=ratios)
+                rec.measure(ratios=ratios)
     ctx.log("  " + "; ".join(f"{k}: {v['error']:.2g} ({v['ratio']:.2f}x SDPA)" for k, v in ratios.items()))
+    rec.check("at least one packed backend compared", bool(ratios), len(ratios))
     if ctx.cuda and any(b[0] == "flex_attention" for b in backends):
         measure_flex_recompile(ctx, rec, shape, state, groups, lengths)
-    worst = max(v["ratio"] for v in ratios.values())
+    worst = max((v["ratio"] for v in ratios.values()), default=None)
     rec.measure(worst_ratio=worst, _headline=["worst_ratio"])
 
 

@@ -65,6 +65,15 @@ class SectionRecord:
     def failed_checks(self) -> list[Check]:
         return [c for c in self.checks if not c.ok]
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SectionRecord":
+        """A record written by ``to_dict`` (a section run in a process of its own)."""
+        rec = cls(d["name"], d["title"], d["correctness"], d["time_limit_s"])
+        rec.status, rec.reason, rec.seconds = d["status"], d["reason"], d["seconds"]
+        rec.checks = [Check(**c) for c in d["checks"]]
+        rec.measurements, rec.tolerances, rec.skipped = d["measurements"], d["tolerances"], d["skipped"]
+        return rec
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["seconds"] = round(self.seconds, 3)
