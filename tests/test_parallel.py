@@ -216,3 +216,13 @@ def test_the_trainer_applies_the_rules(tmp_path):
     """The rules above are the trainer's: one process asked for FSDP2 is refused."""
     with pytest.raises(ValueError, match="--parallel fsdp needs several ranks"):
         RewardTrainer(TrainConfig(parallel="fsdp", output_dir=str(tmp_path), progress=False))
+
+
+@pytest.mark.slow
+def test_fsdp2_is_given_what_it_expects_no_warning_of_wrong_gradients(two_ranks):
+    """FSDP2 warns when a wrapped module returns a view ("can cause backward to fail or produce wrong
+    gradients"): the reward model returns rewards of their own storage. (The warning came back in
+    every FSDP job of this launch when RewardModel returned the squeezed view.)"""
+    _, launch = two_ranks
+    _job_ok(launch, "fsdp fp32")
+    assert "returned a view tensor" not in launch.stderr, launch.stderr[-3000:]
