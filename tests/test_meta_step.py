@@ -6,7 +6,7 @@ import torch
 
 from metarm_fast import steps
 from metarm_fast.kernels import difference_loss
-from metarm_fast.steps import j_pass, l_pass, zero_grads
+from metarm_fast.steps import j_pass, l_pass
 from metarm_fast.reference import copy_based_meta_grads
 from metarm_fast.trainer import RewardTrainer
 from tests.helpers import assert_bitwise_equal, meta_grads, snapshot, tiny_config
@@ -25,13 +25,13 @@ def test_meta_step_matches_copy_based_algorithm_1(tmp_path, grad_accum):
     one-ulp gradient difference at a near-zero element into a ~1e-6 weight difference.)"""
     cfg = tiny_config(tmp_path, method="metarm", eta=1e-3, grad_accum=grad_accum, batch_size=2)
     fast, ref = RewardTrainer(cfg), RewardTrainer(cfg)
-    assert_bitwise_equal(fast.params, ref.params)
+    assert_bitwise_equal(fast.weights.params, ref.weights.params)
     for step in range(3):
         micro, groups = fast.step_inputs(step)
-        expected = copy_based_meta_grads(ref, micro, groups)
-        theta = snapshot(fast.params)
+        expected = copy_based_meta_grads(ref.model, ref.batcher, micro, groups, eta=cfg.eta)
+        theta = snapshot(fast.weights.params)
         seen = []  # the weights each forward pass saw: J at theta, then L at theta' (once per micro-batch)
-        hook = fast.model.register_forward_pre_hook(lambda *_: seen.append(snapshot(fast.params)))
+        hook = fast.model.register_forward_pre_hook(lambda *_: seen.append(snapshot(fast.weights.params)))
         meta_grads(fast, micro, groups)
         hook.remove()
         assert len(seen) == 1 + grad_accum
@@ -44,23 +44,21 @@ def test_meta_step_matches_copy_based_algorithm_1(tmp_path, grad_accum):
                 # 1.9e-9 apart (5 seeds x 3 steps); where theta + e cancels, a few ulps of theta' but
                 # under one of theta.
                 assert bool(((a - b).abs() <= _ulp(torch.maximum(torch.maximum(a.abs(), b.abs()), t.abs()))).all()), name
-        for name, p, g in zip(NAMES(fast), fast.params, expected["grads"]):
+        for name, p, g in zip(NAMES(fast), fast.weights.params, expected["grads"]):
             # float32 rounding of two backward passes through weights one ulp apart. Measured max abs
             # error: 6.0e-8 here (5 seeds x 3 steps), 1.5e-8 on the machine of issue 10; gradients ~0.1.
             torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=2.5e-7, msg=name)
-        assert_bitwise_equal(fast.params, theta)  # the restore: theta back, bit for bit
+        assert_bitwise_equal(fast.weights.params, theta)  # the restore: theta back, bit for bit
         # The optimizer on its own, from one gradient: the in-place path leaves nothing behind that
         # changes the update.
-        for p, q in zip(ref.params, fast.params):
+        for p, q in zip(ref.weights.params, fast.weights.params):
             p.grad = q.grad.clone()
         fast.optimizer_step()
         ref.optimizer_step()
-        assert_bitwise_equal(fast.params, ref.params)
-        for a, b in zip(fast.params, ref.params):
+        assert_bitwise_equal(fast.weights.params, ref.weights.params)
+        for a, b in zip(fast.weights.params, ref.weights.params):
             sa, sb = fast.optimizer.state[a], ref.optimizer.state[b]
             assert_bitwise_equal([sa["exp_avg"], sa["exp_avg_sq"]], [sb["exp_avg"], sb["exp_avg_sq"]])
-        fast.step += 1
-        ref.step += 1
 
 
 def NAMES(tr):
@@ -87,8 +85,8 @@ def test_eta_zero_is_bitwise_vanilla(tmp_path):
 
 def _perturb_then(tr, fn):
     """Run J + perturbation, then `fn` inside the perturbed region."""
-    zero_grads(tr.params)
-    j_pass(tr.model, tr.meta_batch(tr.step_inputs(0)[1]))
+    tr.weights.zero_grads()
+    j_pass(tr.model, tr.batcher.groups(tr.step_inputs(0)[1]))
     with tr.meta.perturbed() as stats:
         fn()
     return stats
@@ -97,21 +95,21 @@ def _perturb_then(tr, fn):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-master"])
 def test_restore_is_bitwise(tmp_path, precision):
     tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2, precision=precision))
-    before = snapshot(tr.params)
+    before = snapshot(tr.weights.params)
     seen = {}
 
     def at_theta_prime():
-        seen["moved"] = sum(int((p != b).sum()) for p, b in zip(tr.params, before))
-        l_pass(tr.model, [tr.pair_batch(items) for items in tr.step_inputs(0)[0]])
+        seen["moved"] = sum(int((p != b).sum()) for p, b in zip(tr.weights.params, before))
+        l_pass(tr.model, [tr.batcher.pairs(items) for items in tr.step_inputs(0)[0]])
 
     stats = _perturb_then(tr, at_theta_prime)
     assert seen["moved"] > 0 and stats.changed > 0  # the L pass really ran at theta'
-    assert_bitwise_equal(tr.params, before)
+    assert_bitwise_equal(tr.weights.params, before)
 
 
 def test_exception_in_second_pass_leaves_weights_restored(tmp_path, monkeypatch):
     tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2))
-    before = snapshot(tr.params)
+    before = snapshot(tr.weights.params)
     real = steps.pair_loss
 
     def failing(model, batch, center_coef=0.0):
@@ -122,7 +120,7 @@ def test_exception_in_second_pass_leaves_weights_restored(tmp_path, monkeypatch)
     monkeypatch.setattr(steps, "pair_loss", failing)
     with pytest.raises(RuntimeError, match="injected"):
         tr.train_step(*tr.step_inputs(0))
-    assert_bitwise_equal(tr.params, before)
+    assert_bitwise_equal(tr.weights.params, before)
 
 
 @pytest.mark.parametrize("where", ["plan", "hooks"])
@@ -133,9 +131,9 @@ def test_a_restore_that_cannot_be_set_up_leaves_weights_restored(tmp_path, monke
     from metarm_fast.kernels import Perturbation
 
     tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2))
-    before = snapshot(tr.params)
-    zero_grads(tr.params)
-    j_pass(tr.model, tr.meta_batch(tr.step_inputs(0)[1]))
+    before = snapshot(tr.weights.params)
+    tr.weights.zero_grads()
+    j_pass(tr.model, tr.batcher.groups(tr.step_inputs(0)[1]))
 
     owner, name = (Perturbation, "restore_plan") if where == "plan" else (torch.Tensor, "register_hook")
     real, calls = getattr(owner, name), []
@@ -151,14 +149,14 @@ def test_a_restore_that_cannot_be_set_up_leaves_weights_restored(tmp_path, monke
         with tr.meta.perturbed():
             pass
     assert not any(p._backward_hooks for p in tr.model.parameters())
-    assert_bitwise_equal(tr.params, before)
+    assert_bitwise_equal(tr.weights.params, before)
 
 
 def test_nonfinite_loss_skips_or_stops_with_weights_unchanged(tmp_path, monkeypatch):
     real = steps.pair_loss
     for mode in ("skip", "stop"):
         tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2, on_nonfinite=mode))
-        before = snapshot(tr.params)
+        before = snapshot(tr.weights.params)
         monkeypatch.setattr(steps, "pair_loss", lambda m, b, c=0.0: (real(m, b, c)[0] * float("nan"), None, None))
         micro = tr.step_inputs(0)
         if mode == "skip":
@@ -168,7 +166,7 @@ def test_nonfinite_loss_skips_or_stops_with_weights_unchanged(tmp_path, monkeypa
         else:
             with pytest.raises(RuntimeError, match="non-finite L"):
                 tr.train_step(*micro)
-        assert_bitwise_equal(tr.params, before)
+        assert_bitwise_equal(tr.weights.params, before)
 
 
 def test_vanished_perturbation_warns_in_pure_bf16(tmp_path):
@@ -186,7 +184,7 @@ def test_vanished_perturbation_warns_in_pure_bf16(tmp_path):
 def test_bf16_master_keeps_compute_copy_equal_to_cast_master(tmp_path):
     tr = RewardTrainer(tiny_config(tmp_path, method="metarm", precision="bf16-master", eta=1e-2))
     tr.train()
-    for p, m in zip(tr.params, tr.masters):
+    for p, m in zip(tr.weights.params, tr.weights.masters):
         assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
         assert torch.equal(p, m.to(torch.bfloat16))
 
@@ -290,7 +288,7 @@ def test_second_order_matches_torch_func(tmp_path):
     micro, meta_groups = tr.step_inputs(0)
     names = [n for n, _ in tr.model.named_parameters()]
     theta = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-    meta, pref = tr.meta_batch(meta_groups), tr.pair_batch(micro[0])
+    meta, pref = tr.batcher.groups(meta_groups), tr.batcher.pairs(micro[0])
 
     class Wrapped(torch.nn.Module):
         def __init__(self, m):
@@ -341,31 +339,31 @@ def test_adam_direction_reads_8bit_second_moments(tmp_path):
     tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=eta, meta_direction="adam",
                                    optimizer="adamw8bit", max_steps=3, tiny_hidden=64))
     tr.train()
-    vs, bc2 = adam_second_moments(tr.optimizer, tr.opt_params)
+    vs, bc2 = adam_second_moments(tr.optimizer, tr.weights.opt_params)
     assert 0 < bc2 < 1
-    lazy = [(p, v) for p, v in zip(tr.opt_params, vs) if isinstance(v, _Dequantized)]
+    lazy = [(p, v) for p, v in zip(tr.weights.opt_params, vs) if isinstance(v, _Dequantized)]
     assert lazy, "the model should have tensors large enough for 8-bit state"
     # The same run with torch's AdamW: its fp32 v is what the dequantized 8-bit v approximates.
     ref = RewardTrainer(tiny_config(tmp_path / "ref", method="metarm", eta=eta, meta_direction="adam",
                                     optimizer="adamw", max_steps=3, tiny_hidden=64))
     ref.train()
-    ref_v = {id(p): ref.optimizer.state[q]["exp_avg_sq"] for p, q in zip(tr.opt_params, ref.opt_params)}
+    ref_v = {id(p): ref.optimizer.state[q]["exp_avg_sq"] for p, q in zip(tr.weights.opt_params, ref.weights.opt_params)}
     for p, v in lazy:
         t = v()
         assert t.dtype == torch.float32 and t.shape == p.shape and bool((t >= 0).all())
         err = float((t - ref_v[id(p)]).norm() / ref_v[id(p)].norm())
         assert err < 0.1, err  # a wrong blocksize or code book gives errors of order 1
-    zero_grads(tr.params)
-    j_pass(tr.model, tr.meta_batch(tr.step_inputs(0)[1]))
-    before = snapshot(tr.params)
+    tr.weights.zero_grads()
+    j_pass(tr.model, tr.batcher.groups(tr.step_inputs(0)[1]))
+    before = snapshot(tr.weights.params)
     ctx = tr.meta.perturbed(micro_batches=2)  # no L pass follows: the side-buffer restore, on exit
     stats = ctx.__enter__()
-    steps = torch.cat([(p - b).abs().flatten() for p, b in zip(tr.params, before)])
+    steps = torch.cat([(p - b).abs().flatten() for p, b in zip(tr.weights.params, before)])
     assert stats.changed > 0 and float(steps.max()) <= eta * (1 + 1e-3)
     frac_full = float((steps > 0.9 * eta).float().mean())
     assert 0.0 < frac_full < 0.99  # some elements at the |g| floor (|d| ~ 1), others preconditioned below it
     ctx.__exit__(None, None, None)
-    assert_bitwise_equal(tr.params, before)
+    assert_bitwise_equal(tr.weights.params, before)
 
 
 def test_second_order_runs_when_the_kernels_take_the_triton_path(tmp_path, monkeypatch):
@@ -377,7 +375,7 @@ def test_second_order_runs_when_the_kernels_take_the_triton_path(tmp_path, monke
         tr = RewardTrainer(tiny_config(tmp_path / kernels, method="metarm", eta=1e-2, second_order=True,
                                        attn_implementation="eager", max_steps=1))
         meta_grads(tr, *tr.step_inputs(0))
-        return [p.grad.clone() for p in tr.params]
+        return [p.grad.clone() for p in tr.weights.params]
 
     for a, b in zip(grads("triton"), grads("torch")):
         # Measured max abs difference 7.5e-8 (the kernels' fp32 rounding against torch's). A J whose
