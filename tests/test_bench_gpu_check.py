@@ -18,7 +18,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
 ENV.pop("TRITON_INTERPRET", None)  # as a user's shell has it: the command sets it up itself
 SECTIONS = ["kernels", "attention", "step", "trl", "speed", "fsdp"]
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour (a GPU runs the real thing)")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's behaviour (on a GPU run the real thing)")
 
 
 def _run(args, timeout=300):
@@ -27,6 +27,7 @@ def _run(args, timeout=300):
 
 
 @pytest.mark.slow
+@cpu_only
 def test_dry_run_runs_every_section_and_writes_the_report(tmp_path):
     out = tmp_path / "sub" / "report.json"
     r = _run(["--dry-run", "--out", str(out), "--work", str(tmp_path / "work")])
@@ -61,6 +62,7 @@ def test_dry_run_runs_every_section_and_writes_the_report(tmp_path):
         assert f"\n{name} " in table
 
 
+@cpu_only
 def test_without_cuda_and_without_dry_run_one_line_and_non_zero(tmp_path):
     r = _run(["--out", str(tmp_path / "r.json")], timeout=120)
     assert r.returncode != 0
@@ -130,6 +132,7 @@ def test_runner_time_limit_errors_and_report_after_each_section(tmp_path, monkey
 
 
 @pytest.mark.slow
+@cpu_only
 def test_isolated_sections_a_crash_and_a_hang_are_recorded(tmp_path, monkeypatch):
     """--isolate (the default on a GPU): each section in a child process; a child that dies before
     recording, or outlives its limit, is recorded as failed with its output, and the run goes on."""
@@ -189,6 +192,7 @@ def _section(name, tmp_path, **ctx_kw):
 
 
 @pytest.mark.slow
+@cpu_only
 def test_fsdp_section_with_two_gloo_ranks(tmp_path):
     rec = _section("fsdp", tmp_path, fsdp_ranks=2)
     assert set(rec.measurements["results"]) == {"fp32", "bf16"}
@@ -197,6 +201,7 @@ def test_fsdp_section_with_two_gloo_ranks(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (os.environ.get("CC") or __import__("shutil").which("g++") or __import__("shutil").which("cc")),
                     reason="inductor on the CPU needs a C++ compiler")
+@cpu_only
 def test_speed_section_with_compile_on_the_cpu(tmp_path):
     rec = _section("speed", tmp_path, cpu_compile=True)
     assert "compile" in rec.measurements["step_s"]
@@ -204,6 +209,7 @@ def test_speed_section_with_compile_on_the_cpu(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
+@cpu_only
 def test_trl_section(tmp_path):
     rec = _section("trl_step", tmp_path)
     assert rec.measurements["vanilla_over_trl"] > 0 and rec.measurements["metarm_over_trl"] > 0
