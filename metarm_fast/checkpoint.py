@@ -75,11 +75,15 @@ def save_checkpoint(root: str, step: int, state: dict, keep_last: int = 0, info=
     return final
 
 
-def load_checkpoint(path: str, state: dict) -> None:
-    """Load the checkpoint at ``path`` into ``state`` in place (tensors copied into, other values replaced)."""
+def load_checkpoint(path: str, state: dict, *, partial: bool = False) -> None:
+    """Load the checkpoint at ``path`` into ``state`` in place (tensors copied into, other values replaced).
+    ``partial``: keys of ``state`` the checkpoint lacks keep their values (a config saved before a
+    setting existed) instead of failing the load."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS)
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=partial))
 
 
 def flatten(obj, prefix: str = "") -> dict:

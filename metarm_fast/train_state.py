@@ -58,7 +58,9 @@ class Checkpointer:
         self.weights.init_optimizer_state(self.optimizer)
         sd = self.state_dict()
         probe = {"train": {"config": sd["train"]["config"], "layout": sd["train"]["layout"]}}
-        ckpt.load_checkpoint(path, probe)
+        # Partial: a setting added after the checkpoint was written is missing from its config, and
+        # compared as "not saved" (run_differences looks at the settings both have).
+        ckpt.load_checkpoint(path, probe, partial=True)
         diff = self.cfg.run_differences(probe["train"]["config"])
         if diff:
             saved = probe["train"]["config"]
@@ -68,6 +70,7 @@ class Checkpointer:
                 + "; resume with the same settings, or start a new run in another --output-dir"
             )
         self.weights.adopt_layout(sd, probe["train"]["layout"])
+        del sd["train"]["config"]  # compared above; strict from here: every tensor must be in the checkpoint
         ckpt.load_checkpoint(path, sd)
         self.weights.after_load()
         self.optimizer.load_state_dict(ckpt.unflatten(sd["optimizer"]))

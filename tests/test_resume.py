@@ -295,3 +295,21 @@ def test_resume_auto_over_a_run_that_crashed_before_its_first_checkpoint(tmp_pat
     assert same.train()["steps"] == 3
     assert metric_steps(out) == [1, 2, 3]  # from scratch: the crashed run's lines were cleared
     assert all(r["loss"] != 123.0 for r in metric_records(out) if "step" in r)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes(tmp_path):
+    """An upgrade mid-run: the saved config lacks a setting added since (compared as not saved), and
+    the run continues bit for bit instead of failing on the missing key."""
+    from metarm_fast import checkpoint as ckpt
+
+    tr = RewardTrainer(tiny_config(tmp_path, max_steps=4))
+    run_steps(tr, 2)
+    sd = tr.checkpointer.state_dict()
+    del sd["train"]["config"]["meta_diagnostic_every"]  # as an older version wrote it
+    ckpt.save_checkpoint(str(tmp_path / "ck"), 2, sd)
+    fresh = RewardTrainer(tiny_config(tmp_path, max_steps=4))
+    fresh.checkpointer.load(ckpt.step_dir(str(tmp_path / "ck"), 2))
+    assert fresh.step == 2
+    run_steps(tr)
+    run_steps(fresh)
+    assert_bitwise_equal(fresh.weights.params, tr.weights.params)
