@@ -104,7 +104,7 @@ class Settings:
     bon_table_n: int = 16
 
 
-QUICK = dict(train_pairs=128, rm_steps_first=8, rm_steps_next=4, batch_size=8, meta_batch_size=4, meta_prompts=32,
+QUICK = dict(rounds=2, eta_multiples=(1.0,), train_pairs=128, rm_steps_first=8, rm_steps_next=4, batch_size=8, meta_batch_size=4, meta_prompts=32,
              eval_prompts=32, gap_prompts=16, pg_steps=10, pg_prompts=8, pg_record_every=5, curve_prompts=32,
              bon_prompts=8, bon_n=16)
 METRICS = ["acc_current", "acc_optimised", "gap_current", "gap_common", "pg_true", "pg_kl", "bon_true"]

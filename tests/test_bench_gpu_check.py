@@ -194,8 +194,10 @@ def _section(name, tmp_path, **ctx_kw):
 @pytest.mark.slow
 @cpu_only
 def test_fsdp_section_with_two_gloo_ranks(tmp_path):
-    rec = _section("fsdp", tmp_path, fsdp_ranks=2)
-    assert set(rec.measurements["results"]) == {"fp32", "bf16"}
+    # One precision: the section's launch-and-compare code is the same for both, and
+    # tests/test_parallel.py holds both precisions' 2-rank runs to these tolerances.
+    rec = _section("fsdp", tmp_path, fsdp_ranks=2, fsdp_settings=("fp32",))
+    assert set(rec.measurements["results"]) == {"fp32"}
 
 
 @pytest.mark.slow

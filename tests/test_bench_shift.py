@@ -1,26 +1,28 @@
-"""bench.shift --quick end to end at its smallest (2 rounds, vanilla and one MetaRM chain, 2 seeds),
-and what its JSON must hold whatever the numbers: the summary computed from the per-seed numbers
-beside it, the rounds chained (round r's policy is round r-1's optimised one), the samples shared
-where the design says they are. The numbers themselves are not checked: the quick settings are too
-small to mean anything. (The full --quick run, 3 rounds and 3 chains, runs as the README gives it in
-tests/test_readme_commands.py.)"""
+"""`python -m bench.shift --quick` end to end, started from the repository root as the README gives it
+(2 rounds, vanilla and one MetaRM chain, 2 seeds), and what its JSON must hold whatever the numbers:
+the summary computed from the per-seed numbers beside it, the rounds chained (round r's policy is
+round r-1's optimised one), the samples shared where the design says they are. The numbers themselves
+are not checked: the quick settings are too small to mean anything."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from bench import shift
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from bench.shift_stats import bootstrap_mean, fmt
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
+    """The README's command (round 0 from scratch, round 1 continuing: every part), from the root."""
     out = tmp_path_factory.mktemp("shift")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(shift.QUICK, "rounds", 2)  # round 0 from scratch, round 1 continuing: every part
-        mp.setitem(shift.QUICK, "eta_multiples", (1.0,))
-        shift.main(["--quick", "--threads", "1", "--out", str(out)])
+    r = subprocess.run([sys.executable, "-m", "bench.shift", "--quick", "--threads", "1", "--out", str(out)], cwd=ROOT,
+                       env={k: v for k, v in dict(os.environ, HF_HUB_OFFLINE="1").items() if k != "TRITON_INTERPRET"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     return out, json.loads((out / "shift.json").read_text())
 
 

@@ -74,6 +74,8 @@ def run(ctx, rec) -> None:
         rec.tolerance(name, {"loss_rtol": tol[0], "weights_atol": tol[1]}, "tests/test_parallel.py TOLERANCES")
     results = {}
     for name, extra in SETTINGS.items():
+        if ctx.fsdp_settings and name not in ctx.fsdp_settings:
+            continue
         one, many = ctx.run_dir(f"fsdp-{name}-1"), ctx.run_dir(f"fsdp-{name}-{n}")
         args = [*BASE, *extra, "--overwrite"]
         if not _launch([sys.executable, "-m", "metarm_fast.cli", *args, "--output-dir", one], one_env, rec,

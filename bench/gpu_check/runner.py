@@ -47,6 +47,7 @@ class Context:
     seed: int = 0
     cpu_compile: bool = False  # --compile in a CPU dry run (inductor takes ~20 s there; off by default)
     fsdp_ranks: int | None = None  # override the rank count of the fsdp section (tests: 2 gloo ranks)
+    fsdp_settings: tuple | None = None  # the fsdp section's precisions (default: all; tests: one)
     log: object = print
     _model_dir: str | None = field(default=None, repr=False)
 
