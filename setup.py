@@ -33,7 +33,8 @@ setup(
         "wandb": ["wandb>=0.17,<1"],
         "trackio": ["trackio>=0.2,<1"],
         # The suite tests LoRA and the tensorboard logging, so it needs their extras.
-        "test": ["pytest", "peft>=0.13,<1", "tensorboard>=2.14,<3"],
+        # pytest-xdist: pytest.ini runs the suite on 2 workers (the CLI/torchrun tests wait on processes).
+        "test": ["pytest", "pytest-xdist>=3.5", "peft>=0.13,<1", "tensorboard>=2.14,<3"],
         "bench": ["trl>=1.0"],
     },
     entry_points={"console_scripts": ["metarm-fast=metarm_fast.cli:main"]},
