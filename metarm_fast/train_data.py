@@ -17,6 +17,7 @@ class TrainData:
     train_pairs: list[EncodedPair]
     eval_pairs: list[EncodedPair] | None = None
     meta_groups: list | None = None
+    shifted_pairs: list | None = None  # the synthetic task: pairs from the better policy, scored at the end
     reports: list = field(default_factory=list)  # (which, load report) per source, for the summary
 
 
@@ -58,7 +59,11 @@ def load_train_data(cfg, encoder, tokenizer) -> TrainData:
         meta_groups = [encoder.encode_group(g) for g in usable_meta_groups(groups, rep, cfg.meta_data)]
     if cfg.eval_every and not eval_pairs:
         raise ValueError("--eval-every needs eval pairs: pass --eval-data, or --eval-fraction to hold some out")
-    return TrainData(train_pairs, eval_pairs, meta_groups, reports)
+    shifted = None
+    if isinstance(cfg.train_data, str) and cfg.train_data.startswith("synthetic") and isinstance(cfg.eval_data, str) \
+            and cfg.eval_data != "synthetic:shifted":
+        shifted = encode_pairs(encoder, pair_source("synthetic:shifted", cfg)[0][:256])
+    return TrainData(train_pairs, eval_pairs, meta_groups, shifted_pairs=shifted, reports=reports)
 
 
 def usable_meta_groups(groups, report, source) -> list:

@@ -6,10 +6,8 @@ the step alone), ``train_step`` batches them and runs the step functions of ``me
 the weights and advances the step count. The parts have their own owners: ``Weights`` (params,
 masters, the master step), ``Batcher`` (the layout), ``Checkpointer`` over ``TrainState`` (resume),
 ``RunLog`` (metrics, trackers, progress; rank 0), ``scoring`` and ``export``.
-
-Gradient buffers are kept allocated between steps (zeroed, not freed), as DeepSpeed and FSDP keep
-theirs: the meta step stores its exact-restore information in them, so both kinds of step hold the
-same buffers and the meta step's memory equals the vanilla step's.
+Gradient buffers stay allocated between steps (zeroed, not freed): the meta step keeps its
+exact-restore information in them, so its memory equals the vanilla step's.
 """
 from __future__ import annotations
 
@@ -34,12 +32,11 @@ from metarm_fast.run_dir import BEST, CHECKPOINTS, INITIAL_GAPS, METRICS, agree_
 from metarm_fast.run_log import RunLog
 from metarm_fast.sampler import EpochSampler
 from metarm_fast.scoring import evaluate_pairs, meta_gaps
-from metarm_fast.sources import pair_source
 from metarm_fast.steps import NonFiniteLoss, gradient_change, group_pass, l_pass, metarm_grads
 from metarm_fast.stop import StopRequest
 from metarm_fast.threads import busy_warning, set_threads
 from metarm_fast.tracking import check_installed, parse_report_to
-from metarm_fast.train_data import encode_pairs, load_train_data
+from metarm_fast.train_data import load_train_data
 from metarm_fast.train_state import Checkpointer, TrainState
 from metarm_fast.weights import Weights
 
@@ -258,10 +255,8 @@ class RewardTrainer:
         if self._evaluates:
             if self.data.eval_pairs:
                 summary["eval"] = self.evaluate()
-                if isinstance(cfg.train_data, str) and cfg.train_data.startswith("synthetic") and isinstance(cfg.eval_data, str) \
-                        and cfg.eval_data != "synthetic:shifted":
-                    shifted, _ = pair_source("synthetic:shifted", cfg)
-                    summary["eval_shifted"] = self.evaluate(encode_pairs(self.encoder, shifted[:256]))
+                if self.data.shifted_pairs:
+                    summary["eval_shifted"] = self.evaluate(self.data.shifted_pairs)
             else:
                 # PPO normalises rewards with their mean and std: without an eval set they come from
                 # (up to 1024 of) the training pairs, and the summary says so.
