@@ -79,6 +79,7 @@ class Settings:
     rounds: int = 3
     lr: float = 1e-3  # the tiny model's default learning rate; eta is given as a multiple of it
     eta_multiples: tuple = (1.0, 10.0)
+    meta_directions: tuple = ("sgd",)  # --meta-directions: the MetaRM chains' d, each at every eta
     train_pairs: int = 2048  # labelled base-policy pairs, the same every round
     rm_steps_first: int = 256  # round 0: 2 epochs of 16 pairs a step
     rm_steps_next: int = 128  # each later round
@@ -116,11 +117,12 @@ def headers(s: Settings) -> list[str]:
             "PG true score", "PG KL", f"best-of-{s.bon_table_n} true score"]
 
 
-def methods_of(s: Settings) -> list[tuple[str, str, float | None]]:
-    """(name, trainer method, eta) per chain."""
-    out = [(BASELINE, "vanilla", None)]
-    for m in s.eta_multiples:
-        out.append((f"metarm eta={m:g}lr", "metarm", m * s.lr))
+def methods_of(s: Settings) -> list[tuple[str, str, float | None, str]]:
+    """(name, trainer method, eta, meta direction) per chain; the sgd chains keep their plain names."""
+    out = [(BASELINE, "vanilla", None, "sgd")]
+    for d in s.meta_directions:
+        for m in s.eta_multiples:
+            out.append((f"metarm eta={m:g}lr" if d == "sgd" else f"metarm {d} eta={m:g}lr", "metarm", m * s.lr, d))
     return out
 
 
@@ -132,7 +134,7 @@ def write_jsonl(path: str, records: list[dict]) -> str:
 
 
 def train_reward_model(s: Settings, seed: int, rnd: int, method: str, eta, init: str | None, pairs_path: str,
-                       meta_groups, folder: str, threads: int) -> RewardTrainer:
+                       meta_groups, folder: str, threads: int, direction: str = "sgd") -> RewardTrainer:
     """One round's reward model through the trainer's public path: data as JSONL files, the
     previous round's exported checkpoint as the model to continue from."""
     os.makedirs(folder, exist_ok=True)
@@ -142,7 +144,8 @@ def train_reward_model(s: Settings, seed: int, rnd: int, method: str, eta, init:
                                 [{"prompt": g.prompt, "responses": list(g.responses)} for g in meta_groups])
     # packing="none": the padded layout the published run used (prompt sharing, the default for decoders,
     # gives the same rewards to float rounding, which a whole run amplifies past bitwise repetition).
-    cfg = TrainConfig(method=method, model=init or TINY_MODEL, lr=s.lr, eta=eta, train_data=pairs_path, packing="none",
+    cfg = TrainConfig(method=method, model=init or TINY_MODEL, lr=s.lr, eta=eta, meta_direction=direction,
+                      train_data=pairs_path, packing="none",
                       meta_data=meta_path, data_format="explicit", max_length=s.max_length,
                       max_steps=s.rm_steps_first if init is None else s.rm_steps_next, batch_size=s.batch_size,
                       meta_batch_size=s.meta_batch_size, seed=seed + 1000 * rnd,
@@ -178,13 +181,13 @@ def run_seed(s: Settings, seed: int, work: str, threads: int, log) -> tuple[dict
 
     chains = methods_of(s)
     reference = chains[1][0]  # the eta = lr chain supplies the common samples
-    current = {name: WordPolicy() for name, _, _ in chains}
-    init = {name: None for name, _, _ in chains}
-    rows = {name: [] for name, _, _ in chains}
+    current = {name: WordPolicy() for name, _, _, _ in chains}
+    init = {name: None for name, _, _, _ in chains}
+    rows = {name: [] for name, _, _, _ in chains}
     common_gaps = {}
     for rnd in range(s.rounds):
         trainers, samples = {}, {}
-        for name, method, eta in chains:
+        for name, method, eta, direction in chains:
             t0 = time.perf_counter()
             # The same streams for every chain: same prompts, and the same samples where the policies agree.
             prng, gen = random.Random(seed * 7919 + 100 + rnd), torch.Generator().manual_seed(seed * 7919 + 200 + rnd)
@@ -193,11 +196,12 @@ def run_seed(s: Settings, seed: int, work: str, threads: int, log) -> tuple[dict
             evals = policy_pairs(task, pol, sample_prompts(prng, s.eval_prompts), gen, source=f"round {rnd} eval")
             gaps = policy_groups(pol, sample_prompts(prng, s.gap_prompts), s.gap_k, gen, source=f"round {rnd} gaps")
             folder = os.path.join(work, f"seed{seed}", name.replace(" ", "_"), f"round{rnd}")
-            trainers[name] = train_reward_model(s, seed, rnd, method, eta, init[name], pairs_path, meta, folder, threads)
+            trainers[name] = train_reward_model(s, seed, rnd, method, eta, init[name], pairs_path, meta, folder, threads,
+                                                direction)
             samples[name] = (evals, gaps)
             log(f"  seed {seed} round {rnd} {name}: reward model trained in {time.perf_counter() - t0:.1f} s")
         ref_gaps = samples[reference][1]
-        for name, method, eta in chains:
+        for name, method, eta, direction in chains:
             t0 = time.perf_counter()
             trainer, scorer = trainers[name], RewardScorer(trainers[name])
             evals, gaps = samples[name]
@@ -256,9 +260,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="default bench/results/shift (--quick: runs/shift-quick)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0: torch's default")
     ap.add_argument("--quick", action="store_true", help="a seconds-long run of every part (checks, not numbers)")
+    ap.add_argument("--meta-directions", default=None,
+                    help="comma-separated meta directions of the MetaRM chains (sgd, adam); default sgd")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     s = Settings(**(QUICK if a.quick else {}))
+    if a.meta_directions:
+        s = dataclasses.replace(s, meta_directions=tuple(x.strip() for x in a.meta_directions.split(",") if x.strip()))
     seeds = [int(x) for x in (a.seeds or ("0,1" if a.quick else "0,1,2,3,4,5,6,7")).split(",")]
     out = a.out or ("runs/shift-quick" if a.quick else "bench/results/shift")
     os.makedirs(out, exist_ok=True)
@@ -277,7 +285,7 @@ def main(argv=None) -> dict:
             for name, g in gaps.items():
                 hist.setdefault(name, []).extend(g)
             print(f"seed {seed} done in {time.perf_counter() - t0:.1f} s", flush=True)
-    methods = [name for name, _, _ in methods_of(s)]
+    methods = [name for name, _, _, _ in methods_of(s)]
     summary = summarise(per_seed, methods, s.rounds, METRICS, BASELINE)
     results = {
         "settings": dataclasses.asdict(s), "seeds": seeds, "methods": methods, "metrics": METRICS,

@@ -96,3 +96,13 @@ def test_bootstrap_interval_holds_the_mean_and_is_repeatable():
     assert a == b and a["lo"] <= a["mean"] <= a["hi"] and a["n"] == 5
     assert a["lo"] < a["hi"]  # values that differ give an interval, not a point
     assert bootstrap_mean([0.3, 0.3, 0.3])["lo"] == bootstrap_mean([0.3, 0.3, 0.3])["hi"] == 0.3
+
+
+def test_meta_directions_make_chains_of_their_own():
+    from bench.shift import Settings, methods_of
+
+    chains = methods_of(Settings(eta_multiples=(1.0, 10.0), meta_directions=("sgd", "adam"), lr=1e-3))
+    assert [(n, d) for n, _, _, d in chains] == [
+        ("vanilla", "sgd"), ("metarm eta=1lr", "sgd"), ("metarm eta=10lr", "sgd"),
+        ("metarm adam eta=1lr", "adam"), ("metarm adam eta=10lr", "adam")]
+    assert [e for _, _, e, _ in chains] == [None, 1e-3, 1e-2, 1e-3, 1e-2]
