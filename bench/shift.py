@@ -1,15 +1,17 @@
 """Does MetaRM help? A gold-reward RLHF experiment on the synthetic task, over seeds.
 
     python -m bench.shift [--seeds 0,1,2,3,4,5,6,7] [--out bench/results/shift] [--threads N] [--quick]
+                          [--meta-directions sgd,adam]
 
 The synthetic task (``metarm_fast.synthetic``) knows the true reward, so both questions can be
 answered exactly: does the meta step of MetaRM (Dou et al., "MetaRM", AAAI 2025) make a reward model
 better on the distribution of the policy it faces, and does a policy optimised against it reach a
 higher true score?
 
-Design. Three reward models per seed: vanilla (Bradley-Terry only; eta = 0 is bitwise vanilla,
+Design. Five reward models per seed: vanilla (Bradley-Terry only; eta = 0 is bitwise vanilla,
 tested elsewhere, so vanilla stands for it) and MetaRM at eta = lr (the paper's choice) and
-eta = 10 lr. Each runs its own chain of rounds r = 0, 1, 2 (the paper's Algorithm 1):
+eta = 10 lr, each with the paper's direction d = grad J (sgd) and with grad J preconditioned by
+AdamW's own second moments (adam). Each runs its own chain of rounds r = 0, 1, 2 (Algorithm 1):
 
 1. The current policy P_r (P_0: the base policy) supplies the round's meta set (prompts with k
    unlabelled responses), a labelled evaluation set (pairs of its responses, the true score
@@ -79,7 +81,7 @@ class Settings:
     rounds: int = 3
     lr: float = 1e-3  # the tiny model's default learning rate; eta is given as a multiple of it
     eta_multiples: tuple = (1.0, 10.0)
-    meta_directions: tuple = ("sgd",)  # --meta-directions: the MetaRM chains' d, each at every eta
+    meta_directions: tuple = ("sgd", "adam")  # --meta-directions: the MetaRM chains' d, each at every eta
     train_pairs: int = 2048  # labelled base-policy pairs, the same every round
     rm_steps_first: int = 256  # round 0: 2 epochs of 16 pairs a step
     rm_steps_next: int = 128  # each later round
@@ -105,7 +107,7 @@ class Settings:
     bon_table_n: int = 16
 
 
-QUICK = dict(rounds=2, eta_multiples=(1.0,), train_pairs=128, rm_steps_first=8, rm_steps_next=4, batch_size=8, meta_batch_size=4, meta_prompts=32,
+QUICK = dict(rounds=2, eta_multiples=(1.0,), meta_directions=("sgd",), train_pairs=128, rm_steps_first=8, rm_steps_next=4, batch_size=8, meta_batch_size=4, meta_prompts=32,
              eval_prompts=32, gap_prompts=16, pg_steps=10, pg_prompts=8, pg_record_every=5, curve_prompts=32,
              bon_prompts=8, bon_n=16)
 METRICS = ["acc_current", "acc_optimised", "gap_current", "gap_common", "pg_true", "pg_kl", "bon_true"]
@@ -261,7 +263,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0: torch's default")
     ap.add_argument("--quick", action="store_true", help="a seconds-long run of every part (checks, not numbers)")
     ap.add_argument("--meta-directions", default=None,
-                    help="comma-separated meta directions of the MetaRM chains (sgd, adam); default sgd")
+                    help="comma-separated meta directions of the MetaRM chains (sgd, adam); default sgd,adam (--quick: sgd)")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     s = Settings(**(QUICK if a.quick else {}))
