@@ -59,22 +59,16 @@ def l_pass(model, batches, center_coef: float = 0.0, loss_fn=None, *, info=None,
     return {"loss": loss_sum / total, "accuracy": correct / total, "pairs": total}
 
 
-def ordered_pairs(scores: torch.Tensor, offsets: torch.Tensor) -> int:
-    """Ordered pairs (i better than j) inside the groups: the training signal of k-response records."""
-    n = 0
-    for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-        s = scores[a:b]
-        n += int((s[:, None] > s[None, :]).sum())
-    return n
-
-
-def pairs_right(r: torch.Tensor, scores: torch.Tensor, offsets: torch.Tensor) -> int:
-    """Ordered pairs whose rewards agree with their scores (strictly)."""
-    n = 0
+def pair_counts(r: torch.Tensor, scores: torch.Tensor, offsets: torch.Tensor) -> tuple[int, int]:
+    """(ordered pairs i better than j inside the groups, those whose rewards agree strictly): the
+    training signal of k-response records, and the accuracy over it. One pass over the groups."""
+    pairs = right = 0
     for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
         s, x = scores[a:b], r[a:b]
-        n += int(((s[:, None] > s[None, :]) & (x[:, None] > x[None, :])).sum())
-    return n
+        better = s[:, None] > s[None, :]
+        pairs += int(better.sum())
+        right += int((better & (x[:, None] > x[None, :])).sum())
+    return pairs, right
 
 
 def group_pass(model, batches, *, kind: str = "bt", margin_scale: float = 0.0, info=None, global_groups=None) -> dict:
@@ -94,9 +88,9 @@ def group_pass(model, batches, *, kind: str = "bt", margin_scale: float = 0.0, i
         with no_sync(model, last=i == len(batches) - 1):
             (loss * (n * world / total)).backward()
         loss_sum += loss.item() * n
-        scores, offsets, rd = b.scores.cpu(), b.offsets.cpu(), r.detach().float().cpu()
-        pairs += ordered_pairs(scores, offsets)
-        right += pairs_right(rd, scores, offsets)
+        n_pairs, n_right = pair_counts(r.detach().float().cpu(), b.scores.cpu(), b.offsets.cpu())
+        pairs += n_pairs
+        right += n_right
     loss_sum, right, pairs = sum_over_ranks([loss_sum, float(right), float(pairs)], info)
     return {"loss": loss_sum / total, "accuracy": right / max(pairs, 1.0), "pairs": int(pairs), "groups": total}
 
