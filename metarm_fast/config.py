@@ -49,7 +49,7 @@ class TrainConfig:
     packing: str = _f("auto", "batch layout: none (padded), pack (sequences end to end, no padding), share-prompt (each prompt once, its responses after it; same rewards, fewest tokens); auto: share-prompt for decoder models, none for encoders", ("auto", "none", "pack", "share-prompt"))
     padding_side: str = _f("right", "where padding goes (rewards are read by position either way)", ("right", "left"))
     # -- optimisation ---------------------------------------------------------------------------
-    meta_diagnostic_every: int = _f(0, "MetaRM: every N steps also compute grad L at theta on the same batch and log how much the meta step changed it (meta_grad_rel_change, meta_grad_cosine); costs one more L forward/backward on those steps; 0: off")
+    meta_diagnostic_every: int = _f(0, "MetaRM: every N steps also compute grad L at theta on the same batch and log how much the meta step changed it (meta_grad_rel_change, meta_grad_cosine) and its largest per-weight move over eta (meta_max_move_over_eta); costs one more L forward/backward on those steps; 0: off")
     group_loss: str = _f("bt", "k-response records (ranked, ultrafeedback, nectar, chosen-rejected-lists): bt (Bradley-Terry over every ordered pair of different scores, each record weighted as one) or pl (Plackett-Luce, listwise)", ("bt", "pl"))
     score_margin: float = _f(0.0, "k-response records, --group-loss bt: margin of each pair = this x its score difference")
     batch_size: int = _f(8, "preference pairs per micro-batch, in all: with torchrun, split across the ranks")
@@ -78,7 +78,7 @@ class TrainConfig:
     eta: float | None = _f(None, "meta step size (gradient ascent on J); default: equal to lr, as in the paper")
     meta_batch_size: int = _f(8, "prompts (each with its k responses) per meta batch, in all: with torchrun, split across the ranks")
     meta_k: int = _f(5, "responses per prompt of the synthetic meta set")
-    meta_direction: str = _f("sgd", "perturb along grad J (paper), or grad J preconditioned by AdamW's second moments", ("sgd", "adam"))
+    meta_direction: str = _f("sgd", "sgd: theta + eta * grad J (the paper's formula); adam: grad J preconditioned by AdamW's second moments (|move| <= eta); optimizer-step: one step of the run's optimizer on -J at the scheduled lr times eta/lr, weights restored from a copy, the optimizer keeping its state (the DeepSpeed reading of the authors' code)", ("sgd", "adam", "optimizer-step"))
     second_order: bool = _f(False, "add eta * Hessian(J) @ grad L: the exact meta-gradient (one extra forward + double backward)")
     on_nonfinite: str = _f("skip", "a non-finite J or L: skip the step with a warning, or stop", ("skip", "stop"))
     # -- output ---------------------------------------------------------------------------------
@@ -165,8 +165,8 @@ class TrainConfig:
             if v is not None and not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"config: {name} must be finite and >= 0, got {v}")
         if self.second_order and self.meta_direction != "sgd":
-            raise ValueError("config: --second-order is exact for --meta-direction sgd only (the adam direction's "
-                             "preconditioner depends on grad J itself); use one or the other")
+            raise ValueError("config: --second-order is exact for --meta-direction sgd only (the adam and "
+                             "optimizer-step moves depend on grad J through AdamW's normalisation); use one or the other")
         if self.method == "metarm" and self.meta_data is None and self.eta is not None:
             raise ValueError("config: --method metarm needs --meta-data (a prompt + responses file) unless training on 'synthetic'")
 

@@ -1,7 +1,7 @@
 """The MetaRM meta step (Algorithm 1 of Dou et al.) with one owner: perturb, the L pass, restore.
 
     1. J = difference loss on the meta batch at theta; backward -> grad J in the grad buffers.
-    2. theta' = theta + eta * d, d = grad J (or grad J / (sqrt(v) + eps) with AdamW's own v), in place.
+    2. theta' = theta + eta * d, in place (the direction d below).
     3. L = Bradley-Terry loss on the preference batch at theta'; backward -> grad L(theta').
     4. theta restored bit for bit; the optimizer then steps with grad L(theta').
 
@@ -11,7 +11,21 @@
         ...forward/backward of L...                  # at theta'
     # theta is back, bitwise; .grad holds grad L(theta') only
 
-Where the exact restore information lives, so that no copy of the weights is ever made:
+The directions (``--meta-direction``):
+- "sgd": d = grad J, the paper's formula.
+- "adam": d = grad J / (max(sqrt(v_hat), |grad J|) + eps), with AdamW's own second moments v_hat of
+  the L gradients (the floor keeps |d| <= 1 where v is ~0: metarm_fast/kernels/perturb_spec.py).
+- "optimizer-step": theta' is one step of the run's own optimizer on -J, as a DeepSpeed user
+  would write the authors' account (MOSS-RLHF issue #42: fp32 weights backed up, the meta process
+  and backpropagation run, the backup copied back). Its learning rate is the scheduled one times
+  eta / lr (with the default eta = lr: the step the engine itself would take), the gradient is
+  clipped like any other. Only the weights are restored: the optimizer keeps what the step did to
+  its state (-grad J in the first moment, grad J^2 in the second, one more step counted), as a
+  DeepSpeed engine that backs up only the fp32 weights would. This is the one direction that
+  copies the weights: the backup costs 4 bytes per trainable parameter (the fp32 optimizer
+  weights) for the duration of the L pass.
+
+Where the exact restore information lives for sgd and adam, so that no copy of the weights is made:
 - fp32 master weights with a bf16 compute copy: the masters are the backup. Only the compute copy is
   perturbed (from the masters) and the restore re-casts the masters.
 - no master (fp32, or pure bf16): ``perturb_`` turns the J gradient buffer into exactly what was added
@@ -34,22 +48,32 @@ from contextlib import contextmanager
 
 import torch
 
-from metarm_fast.kernels import Perturbation, PerturbStats, perturb_
+from metarm_fast.kernels import Perturbation, PerturbStats, perturb_, perturb_direction
+
+DIRECTIONS = ("sgd", "adam", "optimizer-step")
 
 
 class MetaStep:
     """Owns the perturb -> L pass -> restore transaction over ``weights`` (a ``metarm_fast.weights.Weights``:
     the params, and their fp32 masters when there are any).
 
-    ``direction``: "sgd" (d = grad J, the paper's) or "adam" (grad J preconditioned by the second
-    moments ``optimizer`` keeps for the weights' opt_params; plain grad J before its first step)."""
+    ``direction``: "sgd" (d = grad J, the paper's), "adam" (grad J preconditioned by the second
+    moments ``optimizer`` keeps for the weights' opt_params; plain grad J before its first step) or
+    "optimizer-step" (one step of ``optimizer`` on -J, clipped to ``max_grad_norm``; see the module
+    docstring for what it leaves in the optimizer's state)."""
 
-    def __init__(self, weights, *, eta: float, direction: str = "sgd", optimizer=None):
+    def __init__(self, weights, *, eta: float, direction: str = "sgd", optimizer=None, max_grad_norm: float = 0.0):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"MetaStep: direction {direction!r} is not one of {', '.join(DIRECTIONS)}")
+        if direction != "sgd" and optimizer is None:
+            raise ValueError(f"MetaStep: the {direction} direction needs the optimizer")
+        self.weights = weights
         self.params = list(weights.params)
         self.masters = list(weights.masters) if weights.masters is not None else None
         self.eta = eta
         self.direction = direction
         self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
         self.opt_params = weights.opt_params
         # FSDP2: the parameters are DTensors holding this rank's shard. Each rank perturbs its own
         # shards with its shard of the reduce-scattered grad J; the restore cannot ride on tensor hooks
@@ -59,12 +83,20 @@ class MetaStep:
             raise ValueError("MetaStep: sharded parameters are their own fp32 masters (FSDP2's mixed precision)")
 
     @contextmanager
-    def perturbed(self, micro_batches: int = 1):
+    def perturbed(self, micro_batches: int = 1, measure_move: bool = False):
         """theta' for the block; theta back on exit (normal or not). grad J must be in the .grad buffers.
 
         Yields the perturbation's PerturbStats (whole model, all ranks), with perturb_s filled in
-        and restore_s (plan, hooks, exit) filled in on exit."""
+        and restore_s (plan, hooks, exit) filled in on exit. ``measure_move``: also the largest
+        per-weight move max |theta' - theta| in fp32 (``stats.max_move``; one more pass over the
+        J gradients, and the second moments for adam, before the perturbation)."""
+        if self.direction == "optimizer-step":
+            with self._optimizer_stepped() as stats:
+                yield stats
+            return
+        max_move = self._max_move() if measure_move else None
         perturbation, stats = self._perturb()
+        stats.max_move = max_move
         if self.sharded:
             restorer = _ShardRestorer(self.params, perturbation)
         else:
@@ -76,16 +108,35 @@ class MetaStep:
             restorer.restore_all()
             stats.restore_s = restorer.seconds
 
+    def _second_moments(self):
+        """(AdamW's v per weight, this rank's shards, or None; its bias correction) for adam, else (None, 1)."""
+        if self.direction != "adam":
+            return None, 1.0
+        vs, bc2 = adam_second_moments(self.optimizer, self.opt_params)
+        if vs is not None:
+            vs = [_local(v) if isinstance(v, torch.Tensor) else v for v in vs]
+        return vs, bc2
+
+    @torch.no_grad()
+    def _max_move(self) -> float:
+        """max |eta * d| over every weight (all ranks), d as perturb_ computes it, one tensor at a time."""
+        vs, bc2 = self._second_moments()
+        top = 0.0
+        for i, g in enumerate(_grads(self.params)):
+            g = _local(g)
+            if g.numel() == 0:
+                continue
+            v = None if vs is None else vs[i]
+            d = perturb_direction(g, v() if callable(v) else v, bias_correction2=bc2)
+            top = max(top, float(d.abs().max()))
+        return self.eta * _max_over_ranks(top, self.sharded, self.params)
+
     def _perturb(self) -> tuple[Perturbation, PerturbStats]:
         """theta' in place; returns the perturbation (which undoes itself) and the stats to report."""
         t0 = time.perf_counter()
         grads = [_local(g) for g in _grads(self.params)]
         params = [_local(p) for p in self.params]
-        vs, bc2 = (None, 1.0)
-        if self.direction == "adam":
-            vs, bc2 = adam_second_moments(self.optimizer, self.opt_params)
-            if vs is not None:
-                vs = [_local(v) if isinstance(v, torch.Tensor) else v for v in vs]
+        vs, bc2 = self._second_moments()
         if vs is not None and any(isinstance(v, _Dequantized) for v in vs):
             # One tensor at a time, each with its own transient fp32 v.
             parts = []
@@ -106,6 +157,84 @@ class MetaStep:
         return perturbation, dataclasses.replace(stats, perturb_s=time.perf_counter() - t0)
 
 
+    @contextmanager
+    def _optimizer_stepped(self):
+        """The optimizer-step direction: back up the weights the optimizer steps (fp32), step the
+        optimizer on -grad J, yield theta'; on exit copy the backup back (and re-cast the compute
+        copy from it). A non-finite grad J is not stepped on (it would poison the optimizer's
+        state); it is counted in the stats, and the caller skips the step."""
+        t0 = time.perf_counter()
+        grads = _grads(self.params)
+        nonfinite = sum(int((~torch.isfinite(_local(g))).sum()) for g in grads)
+        if self.sharded:  # every rank must take the same decision: the optimizer step is collective
+            nonfinite = int(_reduced([float(nonfinite)], "sum", self.params)[0])
+        backup = [_local(q).detach().clone() for q in self.opt_params]
+        stats = None
+        try:
+            if not nonfinite and self.eta:  # eta = 0: no step, the optimizer's state untouched (vanilla)
+                self._step_on_minus_j(grads)
+            with torch.no_grad():
+                for g in grads:  # -grad J is not needed any more; L accumulates from zero
+                    g.zero_()
+            stats = self._moved(backup, nonfinite)
+            stats.perturb_s = time.perf_counter() - t0
+            yield stats
+        finally:
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                for q, b in zip(self.opt_params, backup):
+                    _local(q).copy_(b)
+                if self.masters is not None:
+                    for p, m in zip(self.params, self.masters):
+                        p.copy_(m)  # the compute copy is round(master), as before the step
+            if stats is not None:
+                stats.restore_s = time.perf_counter() - t1
+
+    def _step_on_minus_j(self, grads) -> None:
+        """One step of the run's optimizer from -grad J, at the scheduled learning rate times eta / lr."""
+        with torch.no_grad():
+            for g in grads:
+                g.neg_()
+        groups = self.optimizer.param_groups
+        lrs = [group["lr"] for group in groups]
+        for group in groups:
+            # LambdaLR keeps the base rate as initial_lr: lr / initial_lr is the schedule's factor now
+            factor = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
+            group["lr"] = self.eta * factor
+        try:
+            self.weights.step(self.optimizer, None, self.max_grad_norm)
+        finally:
+            for group, lr in zip(groups, lrs):
+                group["lr"] = lr
+
+    @torch.no_grad()
+    def _moved(self, backup, nonfinite: int) -> PerturbStats:
+        """The stats of the optimizer-step direction, from the weights and their backup: intended =
+        the optimizer's fp32 move, realised = the move of the weights the forward pass uses."""
+        numel = changed = 0
+        intended_sq = realised_sq = top = 0.0
+        for i, (q, b) in enumerate(zip(self.opt_params, backup)):
+            move = (_local(q).double() - b.double())
+            numel += move.numel()
+            if move.numel():
+                top = max(top, float(move.abs().max()))
+            intended_sq += float((move * move).sum())
+            if self.masters is None:
+                realised = move
+            else:
+                p = self.params[i]
+                realised = p.double() - b.to(p.dtype).double()
+            changed += int((realised != 0).sum())
+            realised_sq += float((realised * realised).sum())
+        stats = PerturbStats(numel, changed, intended_sq, realised_sq, nonfinite)
+        if self.sharded:
+            device = self.params[0].device if self.params else "cpu"
+            stats = _all_reduced(dataclasses.replace(stats, nonfinite=0), device)
+            stats.nonfinite = nonfinite  # already the sum over the ranks
+        stats.max_move = _max_over_ranks(top, self.sharded, self.params)
+        return stats
+
+
 def _is_dtensor(t) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -117,6 +246,21 @@ def _is_dtensor(t) -> bool:
 def _local(t):
     """This rank's shard of a DTensor (a view: writes reach the parameter), or the tensor itself."""
     return t.to_local() if _is_dtensor(t) else t
+
+
+def _reduced(values: list[float], op: str, params) -> list[float]:
+    """``values`` summed ("sum") or maxed ("max") over the ranks."""
+    import torch.distributed as dist
+
+    device = _local(params[0]).device if params else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _max_over_ranks(x: float, sharded: bool, params) -> float:
+    """The largest of every rank's ``x`` (each rank sees its own shards); ``x`` itself unsharded."""
+    return _reduced([x], "max", params)[0] if sharded else x
 
 
 def _all_reduced(stats: PerturbStats, device) -> PerturbStats:

@@ -128,14 +128,15 @@ def group_gaps(r: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef: float = 0.0,
                  second_order: bool = False, loss_fn=None, info=None, global_pairs=None, global_groups=None,
-                 l_pass_fn=None) -> dict:
+                 l_pass_fn=None, measure_move: bool = False) -> dict:
     """grad_{theta'} L(theta') in the .grad buffers (plus eta * H_J grad L with ``second_order``), the
     weights back at theta. Returns (metrics: L's, J and the perturbation's; its PerturbStats). Data parallel:
-    see ``l_pass`` and ``j_pass``; every rank perturbs with the same all-reduced grad J."""
+    see ``l_pass`` and ``j_pass``; every rank perturbs with the same all-reduced grad J.
+    ``measure_move``: also ``meta_max_move_over_eta``, the largest per-weight move over eta."""
     if second_order and info is not None and info.distributed:
         raise ValueError("--second-order is single-process only (its Hessian-vector product is not reduced across ranks)")
     j, r_meta = j_pass(model, meta_batch, info=info, global_groups=global_groups)
-    with meta.perturbed(micro_batches=len(pair_batches)) as stats:
+    with meta.perturbed(micro_batches=len(pair_batches), measure_move=measure_move) as stats:
         if stats.nonfinite:  # counted by the perturbation pass itself: no separate sweep over grad J
             raise NonFiniteLoss("grad J", float("nan"))
         m = l_pass_fn() if l_pass_fn is not None else \
@@ -156,6 +157,8 @@ def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef
         meta_perturb_ms=stats.perturb_s * 1e3,
         meta_restore_ms=stats.restore_s * 1e3,
     )
+    if stats.max_move is not None:
+        m["meta_max_move_over_eta"] = stats.max_move / meta.eta if meta.eta else 0.0
     return m, stats
 
 

@@ -77,7 +77,8 @@ class RewardTrainer:
         self.optimizer = make_optimizer(cfg, self.weights.opt_params, sharded=self.fsdp)
         self.total_steps = count_steps(cfg, len(self.data.train_pairs))
         self.scheduler = make_scheduler(cfg, self.optimizer, self.total_steps)
-        self.meta = MetaStep(self.weights, eta=cfg.eta, direction=cfg.meta_direction, optimizer=self.optimizer)
+        self.meta = MetaStep(self.weights, eta=cfg.eta, direction=cfg.meta_direction, optimizer=self.optimizer,
+                             max_grad_norm=cfg.max_grad_norm)
         self.pair_sampler = EpochSampler(len(self.data.train_pairs), cfg.batch_size * cfg.grad_accum, cfg.seed,
                                          _PAIR_STREAM)
         self.meta_sampler = (EpochSampler(len(self.data.meta_groups), cfg.meta_batch_size, cfg.seed, _META_STREAM)
@@ -126,10 +127,12 @@ class RewardTrainer:
                 return l_pass(self.model, batches, cfg.center_coef, info=self.dist, global_pairs=global_items)
         try:
             if meta is not None:
+                diagnose = bool(cfg.meta_diagnostic_every) and (self.step + 1) % cfg.meta_diagnostic_every == 0
                 m, stats = metarm_grads(self.model, self.meta, batches, meta, second_order=cfg.second_order,
-                                        info=self.dist, global_groups=global_groups, l_pass_fn=l_pass_fn)
+                                        info=self.dist, global_groups=global_groups, l_pass_fn=l_pass_fn,
+                                        measure_move=diagnose)
                 self._warn_if_vanished(stats)
-                if cfg.meta_diagnostic_every and (self.step + 1) % cfg.meta_diagnostic_every == 0:
+                if diagnose:
                     m.update(gradient_change(self.weights.params, l_pass_fn, self.dist))
             else:
                 m = l_pass_fn()

@@ -16,7 +16,8 @@ path on CPU tensors; ``impl=`` or METARM_FAST_KERNELS overrides that (see ``_dis
   what the meta step reports) and the restore of that call, whole or one tensor at a time (a
   ``RestorePlan``, for backward hooks, with the per-call work done once). The two paths they
   choose between are ``perturb_torch`` (``perturb_torch_``, the CPU-optimised torch path) and
-  ``perturb_triton`` (``perturb_triton_``, the kernels); ``perturb_spec`` states the rule.
+  ``perturb_triton`` (``perturb_triton_``, the kernels); ``perturb_spec`` states the rule, and
+  ``perturb_direction`` computes its d for one tensor.
 """
 from ._triton import HAS_TRITON
 from .bt_loss import BTLossFunction, bt_loss, bt_loss_reference
@@ -24,6 +25,7 @@ from .difference_loss import DifferenceLossFunction, difference_loss, difference
 from .group_loss import GroupLossFunction, group_loss, group_loss_reference
 from .perturb import perturb_, restore_
 from .perturb_spec import PerturbStats
+from .perturb_torch import perturb_direction
 from .perturbation import Perturbation, RestorePlan
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "group_loss_reference",
     "GroupLossFunction",
     "perturb_",
+    "perturb_direction",
     "restore_",
     "Perturbation",
     "PerturbStats",

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 import torch
 
@@ -93,6 +94,9 @@ class PerturbStats:
     nonfinite: int = 0  # elements whose eta*d was not finite (left unperturbed)
     perturb_s: float = field(default=0.0, compare=False)  # host time of the perturbation
     restore_s: float = field(default=0.0, compare=False)  # host time of the restore
+    # The largest per-weight move max |eta*d| (fp32), when the caller measured it (the meta step
+    # does on its diagnostic steps; the kernels do not); None: not measured.
+    max_move: Optional[float] = field(default=None, compare=False)
 
     @property
     def frac_changed(self) -> float:
@@ -111,7 +115,9 @@ class PerturbStats:
     def __add__(self, other: "PerturbStats") -> "PerturbStats":
         if not isinstance(other, PerturbStats):
             return NotImplemented
-        return PerturbStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        moves = [m for m in (self.max_move, other.max_move) if m is not None]
+        return PerturbStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "max_move"),
+                            max_move=max(moves) if moves else None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,10 +23,12 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS_VIEW[t.dtype])
 
 
-def _direction(grad, v, eps, bias_correction2):
-    """d in fp32. torch's CPU fp32 sqrt is not correctly rounded (1 ulp off on ~20% of inputs,
-    measured with torch 2.13), so it is taken in fp64 and rounded once: for sqrt, fp64 is wide
-    enough that this equals the IEEE fp32 result, which is what tl.sqrt_rn computes."""
+def perturb_direction(grad, v, eps: float = 1e-8, bias_correction2: float = 1.0):
+    """d of perturb_spec for one tensor, in fp32 (``v`` None: the plain direction, d = grad).
+
+    torch's CPU fp32 sqrt is not correctly rounded (1 ulp off on ~20% of inputs, measured with
+    torch 2.13), so it is taken in fp64 and rounded once: for sqrt, fp64 is wide enough that this
+    equals the IEEE fp32 result, which is what tl.sqrt_rn computes."""
     g = grad.float()
     if v is None:
         return g
@@ -118,7 +120,7 @@ def _perturb_block_(param, grad, v, w, eta32, eps, bias_correction2, i, mismatch
     combined in place and on integer bit patterns, the fp64 statistics are dot products, and the
     general (slower) form of a step runs only when a sum comes out non-finite."""
     p = param.float()
-    e = _direction(grad, v, eps, bias_correction2) * eta32.to(param.device)
+    e = perturb_direction(grad, v, eps, bias_correction2) * eta32.to(param.device)
     if w is None:
         s = (p + e).to(param.dtype).float()
         z = (s - p).to(grad.dtype)
