@@ -11,7 +11,7 @@ Rank 0 prints ``job NAME: ok`` after each job that passed; any failure ends the 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_driver.py JOBS.json
 
 JOBS.json: a list of {"name": ..., "cli": [argv...]} or
-{"name": ..., "check": OUT, "parallel": "ddp"|"fsdp"[, "fail_on_rank": R]}.
+{"name": ..., "check": OUT, "parallel": "ddp"|"fsdp"[, "fail_on_rank": R][, "direction": "sgd"|"adam"|"optimizer-step"]}.
 """
 import glob
 import hashlib
@@ -55,11 +55,11 @@ def check_gloo_threads_gone(rank) -> None:
     assert not left, f"rank {rank}: the process group outlived the shutdown: {left} still run"
 
 
-def check_step(out, parallel="ddp", fail_on_rank=None) -> None:
+def check_step(out, parallel="ddp", fail_on_rank=None, direction="sgd") -> None:
     """Three MetaRM steps; on every rank: theta' moved, the restore bitwise, the ranks agreeing."""
     cfg = TrainConfig(method="metarm", eta=1e-2, max_steps=3, max_records=64, batch_size=4, meta_batch_size=4,
                       meta_k=3, max_length=48, tiny_hidden=32, progress=False, output_dir=out, overwrite=True,
-                      parallel=parallel)
+                      parallel=parallel, meta_direction=direction)
     tr = RewardTrainer(cfg)
     rank = tr.dist.rank
     for step in range(3):
@@ -112,7 +112,7 @@ def run_jobs(path) -> None:
             rc = cli.main(job["cli"])
             assert rc == 0, f"rank {rank}: job {job['name']}: the CLI returned {rc}"
         else:
-            check_step(job["check"], job["parallel"], job.get("fail_on_rank"))
+            check_step(job["check"], job["parallel"], job.get("fail_on_rank"), job.get("direction", "sgd"))
         check_gloo_threads_gone(rank)
         if rank == "0":
             print(f"job {job['name']}: ok", flush=True)

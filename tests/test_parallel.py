@@ -71,6 +71,8 @@ def two_ranks(tmp_path_factory, reference_runs):
                                           "--resume", start]})
     for parallel in ("ddp", "fsdp"):
         jobs.append({"name": f"check {parallel}", "check": str(root / f"check_{parallel}"), "parallel": parallel})
+        jobs.append({"name": f"check {parallel} optimizer-step", "check": str(root / f"check_{parallel}_os"),
+                     "parallel": parallel, "direction": "optimizer-step"})
     # last: it ends the launch
     jobs.append({"name": FAILING, "check": str(root / "failing"), "parallel": "ddp", "fail_on_rank": 1})
     with open(root / "jobs.json", "w") as f:
@@ -107,12 +109,14 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(two_ranks, refer
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_every_rank_perturbs_and_restores_the_same_bits(two_ranks, parallel):
+@pytest.mark.parametrize("direction", ["sgd", "optimizer-step"])
+def test_every_rank_perturbs_and_restores_the_same_bits(two_ranks, parallel, direction):
     # The driver's check (tests/parallel_driver.py, check_step): three MetaRM steps, after each the
     # restore bitwise on every rank and the ranks agreeing on grad J, theta' and the reduced grad L
-    # (DDP) or on the whole model's perturbation stats (FSDP2); then no gloo thread left.
+    # (DDP) or on the whole model's perturbation stats (FSDP2); then no gloo thread left. The
+    # optimizer-step direction steps the sharded optimizer (FSDP2) on every rank at once.
     _, launch = two_ranks
-    _job_ok(launch, f"check {parallel}")
+    _job_ok(launch, f"check {parallel}" + ("" if direction == "sgd" else f" {direction}"))
 
 
 def _continued(out, one, setting):
