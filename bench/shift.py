@@ -1,17 +1,19 @@
 """Does MetaRM help? A gold-reward RLHF experiment on the synthetic task, over seeds.
 
     python -m bench.shift [--seeds 0,1,2,3,4,5,6,7] [--out bench/results/shift] [--threads N] [--quick]
-                          [--meta-directions sgd,adam]
+                          [--meta-directions sgd,adam,optimizer-step]
 
 The synthetic task (``metarm_fast.synthetic``) knows the true reward, so both questions can be
 answered exactly: does the meta step of MetaRM (Dou et al., "MetaRM", AAAI 2025) make a reward model
 better on the distribution of the policy it faces, and does a policy optimised against it reach a
 higher true score?
 
-Design. Five reward models per seed: vanilla (Bradley-Terry only; eta = 0 is bitwise vanilla,
+Design. Seven reward models per seed: vanilla (Bradley-Terry only; eta = 0 is bitwise vanilla,
 tested elsewhere, so vanilla stands for it) and MetaRM at eta = lr (the paper's choice) and
-eta = 10 lr, each with the paper's direction d = grad J (sgd) and with grad J preconditioned by
-AdamW's own second moments (adam). Each runs its own chain of rounds r = 0, 1, 2 (Algorithm 1):
+eta = 10 lr, each with three meta directions (``--meta-direction`` of the trainer): the paper's
+d = grad J (sgd), grad J preconditioned by AdamW's own second moments (adam), and one step of the
+run's AdamW on -J (optimizer-step, the DeepSpeed reading of the authors' code). Each runs its own
+chain of rounds r = 0, 1, 2 (Algorithm 1):
 
 1. The current policy P_r (P_0: the base policy) supplies the round's meta set (prompts with k
    unlabelled responses), a labelled evaluation set (pairs of its responses, the true score
@@ -33,6 +35,12 @@ AdamW's own second moments (adam). Each runs its own chain of rounds r = 0, 1, 2
    policy (the one trained like the paper's PPO policy, not best-of-n, which is no policy of its own).
 
 A gold reference per seed optimises the true score itself with the same optimisers (the ceiling).
+
+What the meta step did, per MetaRM chain and round, from the trainer's own diagnostic
+(``--meta-diagnostic-every 8``, which leaves the training bitwise unchanged): the median over the
+run's diagnostic steps of ||grad L(theta') - grad L(theta)|| / ||grad L(theta)|| and of the cosine
+between the two, the median realised/intended perturbation ratio, and the largest per-weight move
+over eta seen in the run.
 
 Measured per seed, chain and round: accuracy of RM_r on P_r's labelled pairs (``acc_current``, the
 distribution it was adapted to) and on pi_r's (``acc_optimised``, the policy optimised against it);
@@ -57,6 +65,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,7 +76,7 @@ import torch
 
 from bench.shift_optimise import RewardScorer, best_of_n_curve, mean_group_gap, policy_gradient, true_reward
 from bench.shift_plot import save_figure
-from bench.shift_stats import RESAMPLES, summarise, table
+from bench.shift_stats import RESAMPLES, readings_table, summarise, table
 from metarm_fast.config import TINY_MODEL, TrainConfig
 from metarm_fast.synthetic import SyntheticTask
 from metarm_fast.synthetic_policy import WordPolicy, policy_groups, policy_pairs, prompt_mask, sample_prompts
@@ -81,7 +90,8 @@ class Settings:
     rounds: int = 3
     lr: float = 1e-3  # the tiny model's default learning rate; eta is given as a multiple of it
     eta_multiples: tuple = (1.0, 10.0)
-    meta_directions: tuple = ("sgd", "adam")  # --meta-directions: the MetaRM chains' d, each at every eta
+    meta_directions: tuple = ("sgd", "adam", "optimizer-step")  # --meta-directions: the MetaRM chains' d, each at every eta
+    meta_diagnostic_every: int = 8  # the trainer's diagnostic, on MetaRM chains (0: off)
     train_pairs: int = 2048  # labelled base-policy pairs, the same every round
     rm_steps_first: int = 256  # round 0: 2 epochs of 16 pairs a step
     rm_steps_next: int = 128  # each later round
@@ -107,11 +117,15 @@ class Settings:
     bon_table_n: int = 16
 
 
-QUICK = dict(rounds=2, eta_multiples=(1.0,), meta_directions=("sgd",), train_pairs=128, rm_steps_first=8, rm_steps_next=4, batch_size=8, meta_batch_size=4, meta_prompts=32,
+QUICK = dict(rounds=2, eta_multiples=(1.0,), meta_directions=("sgd",), meta_diagnostic_every=2, train_pairs=128,
+             rm_steps_first=8, rm_steps_next=4, batch_size=8, meta_batch_size=4, meta_prompts=32,
              eval_prompts=32, gap_prompts=16, pg_steps=10, pg_prompts=8, pg_record_every=5, curve_prompts=32,
              bon_prompts=8, bon_n=16)
 METRICS = ["acc_current", "acc_optimised", "gap_current", "gap_common", "pg_true", "pg_kl", "bon_true"]
 BASELINE = "vanilla"
+# What the meta step did (MetaRM chains only), from the trainer's metrics.jsonl: (key, header).
+META_METRICS = [("meta_rel_change", "grad L rel. change (median)"), ("meta_cosine", "grad L cosine (median)"),
+                ("meta_realised", "realised/intended (median)"), ("meta_max_move", "max move / eta (largest)")]
 
 
 def headers(s: Settings) -> list[str]:
@@ -152,10 +166,30 @@ def train_reward_model(s: Settings, seed: int, rnd: int, method: str, eta, init:
                       max_steps=s.rm_steps_first if init is None else s.rm_steps_next, batch_size=s.batch_size,
                       meta_batch_size=s.meta_batch_size, seed=seed + 1000 * rnd,
                       output_dir=os.path.join(folder, "run"), overwrite=True, progress=False, save_every=0,
-                      keep_last=1, threads=threads)
+                      keep_last=1, threads=threads,
+                      meta_diagnostic_every=s.meta_diagnostic_every if method == "metarm" else 0)
     trainer = RewardTrainer(cfg, log=lambda *a, **k: None)
     trainer.train()
     return trainer
+
+
+def meta_readings(run_dir: str) -> dict:
+    """What the meta step did in one training run, from its metrics.jsonl (see META_METRICS)."""
+    rel, cos, ratio, move = [], [], [], []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "meta_realised_ratio" in r:
+                ratio.append(r["meta_realised_ratio"])
+            if "meta_grad_rel_change" in r:
+                rel.append(r["meta_grad_rel_change"])
+                cos.append(r["meta_grad_cosine"])
+            if "meta_max_move_over_eta" in r:
+                move.append(r["meta_max_move_over_eta"])
+    if not rel:
+        raise RuntimeError(f"{run_dir}: no diagnostic step was logged (meta_diagnostic_every > the run's steps?)")
+    return {"meta_rel_change": statistics.median(rel), "meta_cosine": statistics.median(cos),
+            "meta_realised": statistics.median(ratio), "meta_max_move": max(move)}
 
 
 def run_seed(s: Settings, seed: int, work: str, threads: int, log) -> tuple[dict, dict, dict]:
@@ -228,6 +262,7 @@ def run_seed(s: Settings, seed: int, work: str, threads: int, log) -> tuple[dict
                 "pairs_optimised": len(opt_pairs),
                 "pg_curve": curve,
                 "best_of_n": bon,
+                **(meta_readings(trainer.cfg.output_dir) if method == "metarm" and s.meta_diagnostic_every else {}),
             })
             if rnd == s.rounds - 1:
                 common_gaps[name] = [round(float(x), 5) for x in common]
@@ -263,7 +298,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0: torch's default")
     ap.add_argument("--quick", action="store_true", help="a seconds-long run of every part (checks, not numbers)")
     ap.add_argument("--meta-directions", default=None,
-                    help="comma-separated meta directions of the MetaRM chains (sgd, adam); default sgd,adam (--quick: sgd)")
+                    help="comma-separated meta directions of the MetaRM chains (sgd, adam, optimizer-step); "
+                         "default all three (--quick: sgd)")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     s = Settings(**(QUICK if a.quick else {}))
@@ -297,6 +333,10 @@ def main(argv=None) -> dict:
     }
     text = table(summary, methods, s.rounds, METRICS, headers(s), BASELINE)
     results["table"] = text
+    if s.meta_diagnostic_every:
+        meta_chains = [m for m in methods if m != BASELINE]
+        results["meta_summary"], results["meta_table"] = readings_table(
+            per_seed, meta_chains, s.rounds, [k for k, _ in META_METRICS], [h for _, h in META_METRICS])
     save_figure(results, os.path.join(out, "shift.png"))
     results["environment"] = environment(threads, argv, commit)
     results["environment"]["wall_s"] = round(time.perf_counter() - start, 1)
@@ -305,6 +345,9 @@ def main(argv=None) -> dict:
     print(f"{len(seeds)} seeds ({','.join(map(str, seeds))}); mean [95% bootstrap CI over seeds]; * : the paired "
           f"difference's interval excludes 0")
     print(text)
+    if "meta_table" in results:
+        print("\nWhat the meta step did (the trainer's --meta-diagnostic-every; mean [95% CI] over seeds):")
+        print(results["meta_table"])
     print(f"wall time {results['environment']['wall_s']} s; wrote {out}/shift.json and {out}/shift.png")
     return results
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-COLORS = ["#e08a1e", "#3a6ea5", "#c0504d", "#9bbb59", "#8064a2"]  # gold is black
+COLORS = ["#e08a1e", "#3a6ea5", "#c0504d", "#9bbb59", "#8064a2", "#4bacc6", "#7f7f7f"]  # gold is black
 
 
 def mean_curve(curves: list[list[dict]], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:

@@ -66,3 +66,16 @@ def table(summary: dict, methods: list[str], rounds: int, metrics: list[str], he
                 cells.append(fmt(ci, signed=True) + (" *" if excludes_zero(ci) else ""))
             lines.append(f"| {r} | {meth} - {baseline} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def readings_table(per_seed: dict, methods: list[str], rounds: int, keys: list[str], headers: list[str]) -> tuple[dict, str]:
+    """Means over seeds with their intervals, no baseline (readings only some methods have, e.g. what
+    the meta step did): ({key: {method: [ci per round]}}, a markdown table, a row per round and method)."""
+    seeds = sorted(per_seed)
+    summary = {k: {meth: [bootstrap_mean([per_seed[s][meth][r][k] for s in seeds]) for r in range(rounds)]
+                   for meth in methods} for k in keys}
+    lines = ["| round | method | " + " | ".join(headers) + " |", "| --- | --- |" + " --- |" * len(headers)]
+    for r in range(rounds):
+        for meth in methods:
+            lines.append(f"| {r} | {meth} | " + " | ".join(fmt(summary[k][meth][r], digits=4) for k in keys) + " |")
+    return summary, "\n".join(lines)

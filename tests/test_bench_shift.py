@@ -45,6 +45,15 @@ def test_quick_run_writes_json_and_figure(quick):
                 assert [b["n"] for b in row["best_of_n"]] == [1, 2, 4, 8, 16]
         assert {"pg_curve", "best_of_n"} <= set(res["gold"][str(seed)])
     assert sorted(res["gap_histogram"]["gaps"]) == sorted(methods)
+    # what the meta step did: read from the MetaRM chains' own diagnostic steps, summarised per round
+    for seed in seeds:
+        for row in res["per_seed"][str(seed)]["metarm eta=1lr"]:
+            assert 0 < row["meta_rel_change"] and -1 <= row["meta_cosine"] <= 1 and row["meta_max_move"] > 0
+        assert all("meta_rel_change" not in row for row in res["per_seed"][str(seed)]["vanilla"])
+    assert res["meta_table"].count("\n") + 1 == 2 + rounds * (len(methods) - 1)
+    for r in range(rounds):
+        values = [res["per_seed"][str(s)]["metarm eta=1lr"][r]["meta_max_move"] for s in seeds]
+        assert res["meta_summary"]["meta_max_move"]["metarm eta=1lr"][r] == bootstrap_mean(values)
     assert res["table"].count("\n") + 1 == 2 + rounds * len(methods) + rounds * (len(methods) - 1)
 
 
