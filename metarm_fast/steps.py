@@ -179,12 +179,37 @@ def _sq_sums(a: list[torch.Tensor], b: list[torch.Tensor], info) -> tuple[float,
     return dot, aa, bb
 
 
+class Replayable:
+    """A pass that can be run again with the random numbers of its first run (a model with dropout
+    draws the same masks), leaving the generators as they were before the rerun: ``first()`` runs it
+    and keeps the RNG state it started from; ``again()`` reruns it from that state."""
+
+    def __init__(self, fn, device):
+        self.fn = fn
+        self.cuda = [device] if torch.device(device).type == "cuda" else []
+        self.state = None
+
+    def first(self):
+        self.state = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.cuda])
+        return self.fn()
+
+    def again(self):
+        if self.state is None:
+            raise RuntimeError("Replayable.again: the pass has not run yet")
+        with torch.random.fork_rng(devices=self.cuda):
+            torch.set_rng_state(self.state[0])
+            for d, st in zip(self.cuda, self.state[1]):
+                torch.cuda.set_rng_state(st, d)
+            return self.fn()
+
+
 def gradient_change(params, l_pass_fn, info=None) -> dict:
     """With grad L(theta') in the .grad buffers and the weights back at theta: run ``l_pass_fn`` once
     more at theta, and return how much the meta step changed the update, ``meta_grad_rel_change`` =
     ||grad L(theta') - grad L(theta)|| / ||grad L(theta)|| and ``meta_grad_cosine`` between the two.
     The .grad buffers hold grad L(theta') again on return. Costs one more L forward/backward and one
-    gradient-sized copy."""
+    gradient-sized copy. With dropout, ``l_pass_fn`` must draw the masks of the pass at theta'
+    (``Replayable.again``): else the reading is mostly the masks' difference."""
     g_prime = [p.grad.detach().clone() for p in params]
     for p in params:
         p.grad.zero_()

@@ -32,7 +32,7 @@ from metarm_fast.run_dir import BEST, CHECKPOINTS, INITIAL_GAPS, METRICS, agree_
 from metarm_fast.run_log import RunLog
 from metarm_fast.sampler import EpochSampler
 from metarm_fast.scoring import evaluate_pairs, meta_gaps
-from metarm_fast.steps import NonFiniteLoss, gradient_change, group_pass, l_pass, metarm_grads
+from metarm_fast.steps import NonFiniteLoss, Replayable, gradient_change, group_pass, l_pass, metarm_grads
 from metarm_fast.stop import StopRequest
 from metarm_fast.threads import busy_warning, set_threads
 from metarm_fast.tracking import check_installed, parse_report_to
@@ -128,12 +128,15 @@ class RewardTrainer:
         try:
             if meta is not None:
                 diagnose = bool(cfg.meta_diagnostic_every) and (self.step + 1) % cfg.meta_diagnostic_every == 0
+                # the diagnostic's pass at theta draws the dropout masks of the pass at theta'
+                l_pass_at = Replayable(l_pass_fn, self.dist.device)
                 m, stats = metarm_grads(self.model, self.meta, batches, meta, second_order=cfg.second_order,
-                                        info=self.dist, global_groups=global_groups, l_pass_fn=l_pass_fn,
+                                        info=self.dist, global_groups=global_groups,
+                                        l_pass_fn=l_pass_at.first if diagnose else l_pass_fn,
                                         measure_move=diagnose)
                 self._warn_if_vanished(stats)
                 if diagnose:
-                    m.update(gradient_change(self.weights.params, l_pass_fn, self.dist))
+                    m.update(gradient_change(self.weights.params, l_pass_at.again, self.dist))
             else:
                 m = l_pass_fn()
         except NonFiniteLoss as e:

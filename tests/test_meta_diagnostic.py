@@ -98,3 +98,41 @@ def test_logged_max_move_is_the_largest_eta_d(tmp_path, direction):
     assert realised / eta <= m["meta_max_move_over_eta"] * (1 + 1e-6)  # a kept step is the intended one, rounded
     if direction == "adam":
         assert m["meta_max_move_over_eta"] <= 1.0  # the floor: never eta / eps
+
+
+def _bert_with_dropout(tmp_path) -> str:
+    """A tiny BERT reward model (dropout 0.1, transformers' default) over the synthetic vocabulary."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from metarm_fast.synthetic import SyntheticTask
+
+    folder = tmp_path / "bert"
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=80, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, num_labels=1)).save_pretrained(folder)
+    SyntheticTask(0).tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_with_dropout_the_reading_is_the_meta_steps_not_the_masks(tmp_path):
+    """At eta = 0 theta' is theta: the diagnostic's pass must draw the same dropout masks and read no
+    change at all (before it replayed them, a tiny BERT read a relative change of ~1)."""
+    bert = _bert_with_dropout(tmp_path)
+    tr = RewardTrainer(tiny_config(tmp_path, model=bert, packing="none", method="metarm", eta=0.0,
+                                   meta_diagnostic_every=1))
+    for s in range(2):
+        m = tr.train_step(*tr.step_inputs(s))
+        assert m["meta_grad_rel_change"] == 0.0 and m["meta_grad_cosine"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_with_dropout_the_diagnostic_leaves_the_training_unchanged(tmp_path):
+    """Its rerun restores the generators: the steps after it draw the masks they would have drawn."""
+    bert = _bert_with_dropout(tmp_path)
+    runs = []
+    for every in (0, 1):
+        tr = RewardTrainer(tiny_config(tmp_path / str(every), model=bert, packing="none", method="metarm", eta=1e-2,
+                                       meta_diagnostic_every=every))
+        for s in range(3):
+            tr.train_step(*tr.step_inputs(s))
+        runs.append(tr.weights.params)
+    assert_bitwise_equal(*runs)

@@ -75,8 +75,9 @@ def test_meta_step_differs_from_vanilla_when_eta_nonzero(tmp_path):
     assert diff > 1e-6
 
 
-def test_eta_zero_is_bitwise_vanilla(tmp_path):
-    a = RewardTrainer(tiny_config(tmp_path / "a", method="metarm", eta=0.0, max_steps=4))
+@pytest.mark.parametrize("direction", ["sgd", "adam", "optimizer-step"])
+def test_eta_zero_is_bitwise_vanilla(tmp_path, direction):
+    a = RewardTrainer(tiny_config(tmp_path / "a", method="metarm", eta=0.0, max_steps=4, meta_direction=direction))
     b = RewardTrainer(tiny_config(tmp_path / "b", method="vanilla", max_steps=4))
     a.train()
     b.train()
