@@ -23,7 +23,7 @@ and meta groups, for each direction and eta:
   ``--meta-diagnostic-every`` reads it: rel_change = ||grad L(theta') - grad L(theta)|| / ||grad L(theta)||
   and the cosine between the two gradients;
 - the first-order term (fp32 only): t = H_L(theta) u, u the move read off the weights the L pass
-  saw, by double backward (``hessian_vector_product``): first_order = ||t|| / ||grad L(theta)||, and
+  saw, by double backward (``hessian_vector_products``): first_order = ||t|| / ||grad L(theta)||, and
   how well it predicts the change, cos(t, change) and residual = ||change - t|| / ||change||;
 - the largest per-weight move over eta, max |u| / eta.
 The probes run with dropout off (the model in eval mode; MiniLM's is 0.1), so that the passes at
@@ -57,7 +57,7 @@ from bench.shift import git_commit
 from bench.shift_stats import bootstrap_mean, fmt
 from metarm_fast.config import TrainConfig
 from metarm_fast.kernels import bt_loss_reference
-from metarm_fast.meta_step import MetaStep, hessian_vector_product
+from metarm_fast.meta_step import MetaStep, hessian_vector_products
 from metarm_fast.steps import j_pass, l_pass
 from metarm_fast.threads import set_threads
 from metarm_fast.trainer import RewardTrainer
@@ -107,45 +107,58 @@ def _grads(params):
     return [p.grad.detach().clone() for p in params]
 
 
-def probe(tr: RewardTrainer, micro, groups, direction: str, eta: float, first_order: bool) -> dict:
-    """One probe at the current weights: the change the meta step makes to grad L, and its first-order
-    prediction. The weights and the optimizer's state are as before on return."""
+def probe(tr: RewardTrainer, micro, groups, combos, first_order: bool) -> list[dict]:
+    """The probes of one batch at the current weights, one per (direction, eta) in ``combos``: the
+    change the meta step makes to grad L, and its first-order prediction. grad L(theta), grad J and
+    the Hessian's graph are computed once for all of them. The weights and the optimizer's state are
+    as before on return."""
     params = tr.weights.params
     pairs, meta_batch = [tr.batcher.pairs(m) for m in micro], tr.batcher.groups(groups)
     tr.weights.zero_grads()
     l_pass(tr.model, pairs)
     g0 = _grads(params)
-    state = copy.deepcopy(tr.optimizer.state_dict())
-    theta = [p.detach().clone() for p in params]
-    meta = MetaStep(tr.weights, eta=eta, direction=direction, optimizer=tr.optimizer, max_grad_norm=tr.cfg.max_grad_norm)
     tr.weights.zero_grads()
     j_pass(tr.model, meta_batch)
-    with meta.perturbed(measure_move=True) as stats:
-        u = [p.detach().float() - t.float() for p, t in zip(params, theta)]  # the move the L pass sees
-        l_pass(tr.model, pairs)
-    g1 = _grads(params)
-    tr.optimizer.load_state_dict(state)  # the optimizer-step direction stepped AdamW on -J
-    assert all(torch.equal(p, t) for p, t in zip(params, theta)), "the meta step did not restore theta"
-    change = [b.float() - a.float() for a, b in zip(g0, g1)]
-    dot, cc, gg = _sums(change, g0)
-    dot01, _, g11 = _sums(g0, g1)
-    out = {"rel_change": (cc / gg) ** 0.5, "cosine": dot01 / (gg * g11) ** 0.5,
-           "max_move": stats.max_move / eta, "realised": stats.ratio}
+    g_j = _grads(params)
+    theta = [p.detach().clone() for p in params]
+    rows, moves = [], []
+    for direction, eta in combos:
+        state = copy.deepcopy(tr.optimizer.state_dict())
+        meta = MetaStep(tr.weights, eta=eta, direction=direction, optimizer=tr.optimizer,
+                        max_grad_norm=tr.cfg.max_grad_norm)
+        with torch.no_grad():
+            for p, g in zip(params, g_j):
+                p.grad.copy_(g)
+        with meta.perturbed(measure_move=True) as stats:
+            u = [p.detach().float() - t.float() for p, t in zip(params, theta)]  # the move the L pass sees
+            l_pass(tr.model, pairs)
+        g1 = _grads(params)
+        tr.optimizer.load_state_dict(state)  # the optimizer-step direction stepped AdamW on -J
+        assert all(torch.equal(p, t) for p, t in zip(params, theta)), "the meta step did not restore theta"
+        change = [b.float() - a.float() for a, b in zip(g0, g1)]
+        _, cc, gg = _sums(change, g0)
+        dot01, _, g11 = _sums(g0, g1)
+        rows.append({"rel_change": (cc / gg) ** 0.5, "cosine": dot01 / (gg * g11) ** 0.5,
+                     "max_move": stats.max_move / eta, "realised": stats.ratio,
+                     "_change": change, "_gg": gg, "_cc": cc})
+        moves.append(u)
     if first_order:
+        assert len(pairs) == 1
+
         def loss():
             r = tr.model(pairs[0])
             n = r.shape[0] // 2
             return bt_loss_reference(r[:n].float(), r[n:].float(), margin=pairs[0].margin)
 
-        assert len(pairs) == 1
-        hu = hessian_vector_product(loss, params, u)
-        t = [torch.zeros_like(c) if h is None else h.float() for h, c in zip(hu, change)]
-        tc, tt, _ = _sums(t, change)
-        _, rr, _ = _sums([c - x for c, x in zip(change, t)], change)
-        out.update(first_order=(tt / gg) ** 0.5, first_order_cos=tc / max((tt * cc) ** 0.5, 1e-300),
-                   residual=(rr / max(cc, 1e-300)) ** 0.5)
+        for row, hu in zip(rows, hessian_vector_products(loss, params, moves)):
+            change, gg, cc = row["_change"], row["_gg"], row["_cc"]
+            t = [torch.zeros_like(c) if h is None else h.float() for h, c in zip(hu, change)]
+            tc, tt, _ = _sums(t, change)
+            _, rr, _ = _sums([c - x for c, x in zip(change, t)], change)
+            row.update(first_order=(tt / gg) ** 0.5, first_order_cos=tc / max((tt * cc) ** 0.5, 1e-300),
+                       residual=(rr / max(cc, 1e-300)) ** 0.5)
     tr.weights.zero_grads()
-    return out
+    return [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
 
 
 def run(task: Task, seed: int, precision: str, a, work: str, threads: int, log) -> list[dict]:
@@ -161,13 +174,13 @@ def run(task: Task, seed: int, precision: str, a, work: str, threads: int, log) 
             continue
         t0 = time.perf_counter()
         tr.model.eval()  # dropout off for the probes (MiniLM has 0.1): the change is the meta step's alone
+        combos = [(d, float(m)) for d in a.directions.split(",") for m in a.eta_multiples.split(",")]
         for b in range(a.batches):
             micro, groups = tr.step_inputs(tr.step + b)  # the batches the run would take next
-            for direction in a.directions.split(","):
-                for mult in (float(x) for x in a.eta_multiples.split(",")):
-                    r = probe(tr, micro, groups, direction, mult * tr.cfg.lr, first_order=precision == "fp32")
-                    rows.append({"task": task.name, "seed": seed, "precision": precision, "step": tr.step, "batch": b,
-                                 "direction": direction, "eta_multiple": mult, **r})
+            found = probe(tr, micro, groups, [(d, m * tr.cfg.lr) for d, m in combos], first_order=precision == "fp32")
+            for (direction, mult), r in zip(combos, found):
+                rows.append({"task": task.name, "seed": seed, "precision": precision, "step": tr.step, "batch": b,
+                             "direction": direction, "eta_multiple": mult, **r})
         tr.model.train()
         log(f"  {task.name} {precision} seed {seed} step {tr.step}: probed in {time.perf_counter() - t0:.1f} s")
     return rows
