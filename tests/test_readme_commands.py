@@ -21,6 +21,7 @@ ENV.pop("TRITON_INTERPRET", None)  # as a user's shell has it: the commands set 
 RUN_BY = {
     "bench.shift": "test_bench_shift.py",  # python -m bench.shift --quick
     "bench.gpu_check": "test_bench_gpu_check.py",  # python -m bench.gpu_check --dry-run
+    "bench.meta_effect": "test_bench_meta_effect.py",  # python -m bench.meta_effect --quick --tasks synthetic
 }
 
 
