@@ -57,7 +57,8 @@ from bench.shift import git_commit
 from bench.shift_stats import bootstrap_mean, fmt
 from metarm_fast.config import TrainConfig
 from metarm_fast.kernels import bt_loss_reference
-from metarm_fast.meta_step import MetaStep, hessian_vector_products
+from metarm_fast.meta_step import MetaStep
+from metarm_fast.second_order import hessian_vector_products
 from metarm_fast.steps import j_pass, l_pass
 from metarm_fast.threads import set_threads
 from metarm_fast.trainer import RewardTrainer

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from metarm_fast.kernels import bt_loss, difference_loss, group_loss
-from metarm_fast.meta_step import MetaStep, second_order_correction_
+from metarm_fast.meta_step import MetaStep
+from metarm_fast.second_order import second_order_correction_
 from metarm_fast.parallel import all_finite, no_sync, sum_over_ranks
 
 # The J implementation the second-order term differentiates twice: the torch J (autograd all the way

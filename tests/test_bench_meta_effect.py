@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.shift_stats import bootstrap_mean
-from metarm_fast.meta_step import hessian_vector_products
+from metarm_fast.second_order import hessian_vector_products
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
