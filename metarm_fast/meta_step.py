@@ -393,10 +393,19 @@ class _Restorer:
         self.seconds += time.perf_counter() - t0
 
 
-def vanished_warning(stats, step: int, dtype, precision: str) -> str:
-    """The message for a perturbation lost to rounding (``stats.vanished``): what happened, and what to change."""
-    return (f"meta step {step}: the perturbation eta * grad J was lost to rounding in the {dtype} weights "
-            f"(realised/intended norm {stats.ratio:.3g}, {stats.changed} of {stats.numel} weights changed); "
-            "MetaRM is acting as vanilla training. "
-            + ("Use a larger --eta, or --precision fp32." if precision == "bf16-master"
-               else "Use --precision fp32 or bf16-master (fp32 master weights), or a larger --eta."))
+def rounding_message(stats, step: int, dtype, precision: str) -> str | None:
+    """What to tell the user when rounding decided the perturbation the L pass saw, and what to change:
+    lost (``stats.vanished``: MetaRM acts as vanilla) or dominated by it (``stats.rounding_dominated``:
+    a few weights moved by whole spacings); None when neither."""
+    if stats.vanished:
+        return (f"meta step {step}: the perturbation eta * grad J was lost to rounding in the {dtype} weights "
+                f"(realised/intended norm {stats.ratio:.3g}, {stats.changed} of {stats.numel} weights changed); "
+                "MetaRM is acting as vanilla training. "
+                + ("Use a larger --eta, or --precision fp32." if precision == "bf16-master"
+                   else "Use --precision fp32 or bf16-master (fp32 master weights), or a larger --eta."))
+    if stats.rounding_dominated:
+        return (f"meta step {step}: the {dtype} weights the L pass sees moved by {stats.ratio:.3g} times the "
+                f"intended norm of eta * d ({stats.changed} of {stats.numel} weights changed, each by a whole "
+                f"{dtype} spacing): most of the perturbation is rounding, not the meta direction, and so is most "
+                "of the change it makes to the update. Use --precision fp32, or a larger --eta.")
+    return None

@@ -18,7 +18,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     pairs_done: int = 0
     train_seconds: float = 0.0
-    warned_vanished: bool = False  # the vanished-perturbation warning is given once per run
+    warned_vanished: bool = False  # the rounding warning (a vanished or a rounding-dominated perturbation) is given once per run
     best_eval_accuracy: float = -1.0  # of the --keep-best export; -1: none yet
 
     @property

@@ -24,7 +24,7 @@ from metarm_fast.build import build_model, check_parallel, count_steps, make_opt
 from metarm_fast.config import TrainConfig
 from metarm_fast.data import Encoder
 from metarm_fast.export import export_model
-from metarm_fast.meta_step import MetaStep, vanished_warning
+from metarm_fast.meta_step import MetaStep, rounding_message
 from metarm_fast.model import choose_packing, load_tokenizer
 from metarm_fast.parallel import any_rank, barrier, broadcast_object, full_state_dict, init_distributed, shard
 from metarm_fast.plots import GAP_HISTOGRAM, TRAINING_CURVES, gap_report, save_training_curves
@@ -134,7 +134,7 @@ class RewardTrainer:
                                         info=self.dist, global_groups=global_groups,
                                         l_pass_fn=l_pass_at.first if diagnose else l_pass_fn,
                                         measure_move=diagnose)
-                self._warn_if_vanished(stats)
+                self._warn_if_rounded(stats)
                 if diagnose:
                     m.update(gradient_change(self.weights.params, l_pass_at.again, self.dist))
             else:
@@ -158,10 +158,13 @@ class RewardTrainer:
         self.state.step += 1
         return norm
 
-    def _warn_if_vanished(self, stats) -> None:
-        if stats.vanished and not self.state.warned_vanished:
+    def _warn_if_rounded(self, stats) -> None:
+        """Once per run: the perturbation was lost to rounding, or rounding dominated it."""
+        message = None if self.state.warned_vanished else \
+            rounding_message(stats, self.step + 1, self.weights.params[0].dtype, self.cfg.precision)
+        if message:
             self.state.warned_vanished = True
-            warnings.warn(vanished_warning(stats, self.step + 1, self.weights.params[0].dtype, self.cfg.precision))
+            warnings.warn(message)
 
     # -- evaluation and export -------------------------------------------------------------------
     def evaluate(self, pairs=None) -> dict:

@@ -10,7 +10,7 @@ fixed-length synthetic batches (bench.gpu_check.model). Reported:
 - the meta machinery's share of the step: the perturbation and the restore, each between CUDA
   events recorded inside the step (bench.gpu_check.timing.TimedMeta), against the whole step;
 - the realised perturbation at the paper's eta: ``meta_frac_changed`` and ``meta_realised_ratio``
-  of every timed step, and the trainer's warning when the step vanished in rounding;
+  of every timed step, and the trainer's warning when rounding lost or dominated the perturbation;
 - peak memory (``torch.cuda.max_memory_allocated`` through metarm_fast.memory.step_peak_bytes) of a
   vanilla, a MetaRM and a copy-based MetaRM step (metarm_fast.reference.copy_based_meta_step) on
   the same batch, each against bench.plan's prediction for this model and these batches.
@@ -74,7 +74,8 @@ def run(ctx, rec) -> None:
                              "meta_realised_ratio": m["meta_realised_ratio"],
                              "host_perturb_ms": m["meta_perturb_ms"], "host_restore_ms": m["meta_restore_ms"]})
             rec.measure(steps=per_step)
-    vanished = [str(w.message) for w in caught if "lost to rounding" in str(w.message)]
+    rounded = [str(w.message) for w in caught
+               if "lost to rounding" in str(w.message) or "most of the perturbation is rounding" in str(w.message)]
     med = lambda k: statistics.median(x[k] for x in per_step)  # noqa: E731
     peak, source = datasheet_peak(torch.cuda.get_device_name(ctx.device), cfg.precision) if ctx.cuda else \
         (None, "no CUDA: no datasheet peak (the CPU's MFU is bench.throughput's, against a measured GEMM)")
@@ -84,7 +85,7 @@ def run(ctx, rec) -> None:
                 machinery_share=med("machinery_share"), perturb_s=med("perturb_s"), restore_s=med("restore_s"),
                 meta_frac_changed=[x["meta_frac_changed"] for x in per_step],
                 meta_realised_ratio=[x["meta_realised_ratio"] for x in per_step],
-                vanished_warning=vanished[0] if vanished else None)
+                rounding_warning=rounded[0] if rounded else None)
 
     # The restore, bit for bit, inside a real step (not timed: it holds a copy of the weights).
     s = ctx.warmup + ctx.steps

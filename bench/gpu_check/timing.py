@@ -48,10 +48,10 @@ class TimedMeta:
         return getattr(self._meta, name)
 
     @contextmanager
-    def perturbed(self, micro_batches: int = 1):
+    def perturbed(self, micro_batches: int = 1, **kwargs):
         before = [p.detach().clone() for p in self._meta.params] if self.snapshot else None
         self.clock.mark("perturb_start")
-        with self._meta.perturbed(micro_batches=micro_batches) as stats:
+        with self._meta.perturbed(micro_batches=micro_batches, **kwargs) as stats:
             self.clock.mark("perturbed")
             try:
                 yield stats

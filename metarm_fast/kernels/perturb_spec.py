@@ -112,6 +112,13 @@ class PerturbStats:
         """The perturbation was (almost) entirely lost to rounding in the weights the forward pass uses."""
         return self.intended_sq > 0 and (self.changed == 0 or self.ratio < 0.1)
 
+    @property
+    def rounding_dominated(self) -> bool:
+        """Most of the realised perturbation is rounding: the weights the forward pass uses moved by
+        more than twice the intended norm. A bf16 compute copy re-cast from fp32 masters does this
+        when eta * d is far below a bf16 spacing: a few weights move by a whole spacing each."""
+        return self.intended_sq > 0 and self.ratio > 2.0
+
     def __add__(self, other: "PerturbStats") -> "PerturbStats":
         if not isinstance(other, PerturbStats):
             return NotImplemented

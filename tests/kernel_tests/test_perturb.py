@@ -216,10 +216,16 @@ def test_stats_properties_and_empty():
     assert PerturbStats(10, 5, 4.0, 1.0).ratio == 0.5 and PerturbStats(10, 5, 4.0, 1.0).frac_changed == 0.5
     assert not PerturbStats().vanished and not PerturbStats(10, 5, 4.0, 1.0).vanished
     assert PerturbStats(10, 0, 4.0, 0.0).vanished and PerturbStats(10, 5, 4.0, 1e-3).vanished  # ratio 0.016
-    # Stats add up field by field; the host times are carried along but are not part of ==.
-    a, b = PerturbStats(10, 5, 4.0, 1.0, 1, perturb_s=0.5), PerturbStats(6, 1, 1.0, 2.0, 0, restore_s=0.25)
+    # rounding-dominated: realised norm over twice the intended (ratio > 2)
+    assert PerturbStats(10, 1, 1.0, 4.01).rounding_dominated and not PerturbStats(10, 1, 1.0, 4.0).rounding_dominated
+    assert not PerturbStats(10, 1, 0.0, 4.0).rounding_dominated  # nothing intended
+    # Stats add up field by field; the host times are carried along but are not part of ==; the
+    # largest move is the larger one (None: not measured).
+    a, b = PerturbStats(10, 5, 4.0, 1.0, 1, perturb_s=0.5), PerturbStats(6, 1, 1.0, 2.0, 0, restore_s=0.25, max_move=0.5)
     total = a + b
     assert total == PerturbStats(16, 6, 5.0, 3.0, 1) and (total.perturb_s, total.restore_s) == (0.5, 0.25)
+    assert total.max_move == 0.5 and (a + a).max_move is None
+    assert (b + PerturbStats(max_move=0.75)).max_move == 0.75
     assert sum([a, b], PerturbStats()) == total and a == PerturbStats(10, 5, 4.0, 1.0, 1)
     for impl in ("torch", "triton"):
         assert perturb_([], [], 1e-3, impl=impl).stats == PerturbStats(0, 0, 0.0, 0.0, 0)
