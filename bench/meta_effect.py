@@ -16,7 +16,8 @@ and its size against grad L says whether the meta step can matter at all.
 
 Design. For each task, seed and precision, a vanilla run of the trainer (``RewardTrainer``, through
 its public step) is probed at three points of its training (after the first step, so AdamW has
-second moments; half-way; at the end). At each point, on ``--batches`` batches of that step's pairs
+second moments; half-way; at 90%: at the very end the cosine schedule's rate is 0, and the
+optimizer-step direction, which follows the schedule, would not move). At each point, on ``--batches`` batches of that step's pairs
 and meta groups, for each direction and eta:
 - the actual change: grad L at theta and at the theta' the meta step itself makes (``MetaStep``,
   the trainer's own transaction, whose restore is bitwise), as the trainer's
@@ -25,7 +26,7 @@ and meta groups, for each direction and eta:
 - the first-order term (fp32 only): t = H_L(theta) u, u the move read off the weights the L pass
   saw, by double backward (``hessian_vector_products``): first_order = ||t|| / ||grad L(theta)||, and
   how well it predicts the change, cos(t, change) and residual = ||change - t|| / ||change||;
-- the largest per-weight move over eta, max |u| / eta.
+- the largest per-weight move over eta, max |u| / eta, and the realised/intended perturbation norm.
 The probes run with dropout off (the model in eval mode; MiniLM's is 0.1), so that the passes at
 theta and theta' differ by the weights alone (the trainer's diagnostic replays the masks instead).
 The optimizer-step direction changes AdamW's state; each probe puts the state back, so the probes
@@ -63,9 +64,10 @@ from metarm_fast.steps import j_pass, l_pass
 from metarm_fast.threads import set_threads
 from metarm_fast.trainer import RewardTrainer
 
-READINGS = [("rel_change", "grad L rel. change"), ("cosine", "cosine"), ("first_order", "first-order |H_L u| / |grad L|"),
-            ("first_order_cos", "cos(first order, change)"), ("residual", "|change - first order| / |change|"),
-            ("max_move", "max |u| / eta")]
+READINGS = [("rel_change", "grad L rel. change"), ("cosine", "cosine"), ("first_order", "first-order term (rel.)"),
+            ("first_order_cos", "cos(term, change)"), ("residual", "residual (rel.)"), ("max_move", "max move / eta"),
+            ("realised", "realised / intended")]
+TASK_ORDER = ["synthetic", "hh"]
 
 
 @dataclasses.dataclass
@@ -167,7 +169,7 @@ def run(task: Task, seed: int, precision: str, a, work: str, threads: int, log) 
                       output_dir=os.path.join(work, f"{task.name}-{precision}-{seed}"), overwrite=True, save_every=0,
                       threads=threads, warmup_ratio=0.05, **task.config)
     tr = RewardTrainer(cfg, log=lambda *x, **k: None)
-    points = sorted({1, task.steps // 2, task.steps})
+    points = sorted({1, task.steps // 2, task.steps - task.steps // 10})
     rows = []
     while tr.step < task.steps:
         tr.train_step(tr.step_inputs(tr.step)[0])  # vanilla: the pairs of the step, no meta groups
@@ -190,7 +192,7 @@ def run(task: Task, seed: int, precision: str, a, work: str, threads: int, log) 
 def summarise(rows: list[dict]) -> tuple[list[dict], str]:
     """Per (task, precision, direction, eta): each reading's per-seed median, then mean [95% CI] over seeds."""
     keys = sorted({(r["task"], r["precision"], r["direction"], r["eta_multiple"]) for r in rows},
-                  key=lambda k: (k[0], k[1] != "fp32", ["sgd", "adam", "optimizer-step"].index(k[2]), k[3]))
+                  key=lambda k: (TASK_ORDER.index(k[0]), k[1] != "fp32", ["sgd", "adam", "optimizer-step"].index(k[2]), k[3]))
     summary, lines = [], ["| task | precision | direction | eta | " + " | ".join(h for _, h in READINGS) + " |",
                           "| --- | --- | --- | --- |" + " --- |" * len(READINGS)]
     for k in keys:
