@@ -215,3 +215,21 @@ def test_speed_section_with_compile_on_the_cpu(tmp_path):
 def test_trl_section(tmp_path):
     rec = _section("trl_step", tmp_path)
     assert rec.measurements["vanilla_over_trl"] > 0 and rec.measurements["metarm_over_trl"] > 0
+
+
+@pytest.mark.parametrize("direction", ["sgd", "optimizer-step"])
+def test_timed_meta_step_runs_the_trainers_step_on_the_cpu(tmp_path, direction):
+    """The step section's wrapper around the meta step (it needs CUDA, so --dry-run skips it): the
+    trainer's own step through it, diagnostic steps included, leaves its marks and checks the restore."""
+    from bench.gpu_check.timing import Clock, TimedMeta
+    from metarm_fast.trainer import RewardTrainer
+    from tests.helpers import tiny_config
+
+    tr = RewardTrainer(tiny_config(tmp_path, method="metarm", eta=1e-2, meta_direction=direction,
+                                   meta_diagnostic_every=1))
+    clock = Clock(False)
+    tr.meta = TimedMeta(tr.meta, clock)
+    tr.meta.snapshot = True
+    m = tr.train_step(*tr.step_inputs(0))
+    assert "meta_max_move_over_eta" in m and tr.meta.restored_bitwise is True
+    assert {"perturb_start", "perturbed", "l_done", "restored"} <= set(clock.marks)
