@@ -141,3 +141,21 @@ def test_the_state_carries_j_into_the_kept_weights_whatever_eta(tmp_path):
     d_sgd, d_os = gap(runs["sgd"], runs["vanilla"]), gap(runs["optimizer-step"], runs["vanilla"])
     print(f"max |weights - vanilla| after 3 steps at eta 1e-12: sgd {d_sgd:.3g}, optimizer-step {d_os:.3g}")
     assert d_sgd <= 1e-9 and d_os > 1e-4
+
+
+@pytest.mark.parametrize("settings", [dict(optimizer="adamw8bit", tiny_hidden=64),
+                                      dict(optimizer="adamw8bit", precision="bf16-master", tiny_hidden=64),
+                                      dict(lora_r=2), dict(grad_accum=2, batch_size=2)],
+                         ids=["8-bit AdamW", "bf16-master 8-bit AdamW", "LoRA", "grad_accum 2"])
+def test_moves_and_restores_with_every_optimizer_and_layout(tmp_path, settings):
+    tr = RewardTrainer(tiny_config(tmp_path, method="metarm", meta_direction="optimizer-step", eta=1e-2, **settings))
+    tr.train_step(*tr.step_inputs(0))
+    micro, groups = tr.step_inputs(1)
+    theta = snapshot(tr.weights.params)
+    tr.weights.zero_grads()
+    j_pass(tr.model, tr.batcher.groups(groups))
+    with tr.meta.perturbed(micro_batches=len(micro)) as stats:
+        assert stats.changed > 0 and any(not torch.equal(a, b) for a, b in zip(tr.weights.params, theta))
+    assert_bitwise_equal(tr.weights.params, theta)
+    m = tr.train_step(micro, groups)  # and the trainer's whole step
+    assert "skipped" not in m and m["meta_max_move_over_eta"] > 0
