@@ -60,7 +60,7 @@ from metarm_fast.config import TrainConfig
 from metarm_fast.kernels import bt_loss_reference
 from metarm_fast.meta_step import MetaStep
 from metarm_fast.second_order import hessian_vector_products
-from metarm_fast.steps import j_pass, l_pass
+from metarm_fast.steps import dot_products, gradient_readings, j_pass, l_pass
 from metarm_fast.threads import set_threads
 from metarm_fast.trainer import RewardTrainer
 
@@ -97,15 +97,6 @@ def tasks(a, work: str) -> list[Task]:
     return out
 
 
-def _sums(a, b):
-    """(a.b, a.a, b.b) over lists of tensors, in fp64."""
-    dot = aa = bb = 0.0
-    for x, y in zip(a, b):
-        x, y = x.double(), y.double()
-        dot, aa, bb = dot + float((x * y).sum()), aa + float((x * x).sum()), bb + float((y * y).sum())
-    return dot, aa, bb
-
-
 def _grads(params):
     return [p.grad.detach().clone() for p in params]
 
@@ -138,12 +129,10 @@ def probe(tr: RewardTrainer, micro, groups, combos, first_order: bool) -> list[d
         g1 = _grads(params)
         tr.optimizer.load_state_dict(state)  # the optimizer-step direction stepped AdamW on -J
         assert all(torch.equal(p, t) for p, t in zip(params, theta)), "the meta step did not restore theta"
-        change = [b.float() - a.float() for a, b in zip(g0, g1)]
-        _, cc, gg = _sums(change, g0)
-        dot01, _, g11 = _sums(g0, g1)
-        rows.append({"rel_change": (cc / gg) ** 0.5, "cosine": dot01 / (gg * g11) ** 0.5,
+        read = gradient_readings(g1, g0)  # what the trainer's --meta-diagnostic-every logs
+        rows.append({"rel_change": read["meta_grad_rel_change"], "cosine": read["meta_grad_cosine"],
                      "max_move": stats.max_move / eta, "realised": stats.ratio,
-                     "_change": change, "_gg": gg, "_cc": cc})
+                     "_change": [b.float() - a.float() for a, b in zip(g0, g1)], "_gg": dot_products(g0, g0)[1]})
         moves.append(u)
     if first_order:
         assert len(pairs) == 1
@@ -154,10 +143,9 @@ def probe(tr: RewardTrainer, micro, groups, combos, first_order: bool) -> list[d
             return bt_loss_reference(r[:n].float(), r[n:].float(), margin=pairs[0].margin)
 
         for row, hu in zip(rows, hessian_vector_products(loss, params, moves)):
-            change, gg, cc = row["_change"], row["_gg"], row["_cc"]
+            change, gg = row["_change"], row["_gg"]
             t = [torch.zeros_like(c) if h is None else h.float() for h, c in zip(hu, change)]
-            tc, tt, _ = _sums(t, change)
-            _, rr, _ = _sums([c - x for c, x in zip(change, t)], change)
+            tc, tt, cc, rr = dot_products(t, change)
             row.update(first_order=(tt / gg) ** 0.5, first_order_cos=tc / max((tt * cc) ** 0.5, 1e-300),
                        residual=(rr / max(cc, 1e-300)) ** 0.5)
     tr.weights.zero_grads()

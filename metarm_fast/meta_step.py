@@ -89,7 +89,8 @@ class MetaStep:
         Yields the perturbation's PerturbStats (whole model, all ranks), with perturb_s filled in
         and restore_s (plan, hooks, exit) filled in on exit. ``measure_move``: also the largest
         per-weight move max |theta' - theta| in fp32 (``stats.max_move``; one more pass over the
-        J gradients, and the second moments for adam, before the perturbation)."""
+        J gradients, and the second moments for adam, before the perturbation; the optimizer-step
+        direction measures it always, from the pass its stats already make over the weights)."""
         if self.direction == "optimizer-step":
             with self._optimizer_stepped() as stats:
                 yield stats
@@ -153,7 +154,7 @@ class MetaStep:
                 g.zero_()
         stats = perturbation.stats
         if self.sharded:  # every rank decides on the whole model's numbers (warnings, non-finite skips)
-            stats = _all_reduced(stats, grads[0].device if grads else "cpu")
+            stats = _all_reduced(stats, self.params)
         return perturbation, dataclasses.replace(stats, perturb_s=time.perf_counter() - t0)
 
     @contextmanager
@@ -209,27 +210,26 @@ class MetaStep:
     @torch.no_grad()
     def _moved(self, backup, nonfinite: int) -> PerturbStats:
         """The stats of the optimizer-step direction, from the weights and their backup: intended =
-        the optimizer's fp32 move, realised = the move of the weights the forward pass uses."""
+        the optimizer's fp32 move, realised = the move of the weights the forward pass uses (the same
+        with no masters). Differences and sums in fp64, one tensor at a time."""
         numel = changed = 0
         intended_sq = realised_sq = top = 0.0
         for i, (q, b) in enumerate(zip(self.opt_params, backup)):
-            move = (_local(q).double() - b.double())
+            move = (_local(q).double() - b.double()).flatten()
+            if not move.numel():
+                continue
             numel += move.numel()
-            if move.numel():
-                top = max(top, float(move.abs().max()))
-            intended_sq += float((move * move).sum())
-            if self.masters is None:
-                realised = move
-            else:
+            top = max(top, float(move.abs().max()))
+            intended_sq += float(move @ move)
+            if self.masters is not None:
                 p = self.params[i]
-                realised = p.double() - b.to(p.dtype).double()
-            changed += int((realised != 0).sum())
-            realised_sq += float((realised * realised).sum())
-        stats = PerturbStats(numel, changed, intended_sq, realised_sq, nonfinite)
+                move = (p.double() - b.to(p.dtype).double()).flatten()
+            changed += int(move.count_nonzero())
+            realised_sq += float(move @ move)
+        stats = PerturbStats(numel, changed, intended_sq, realised_sq, 0)
         if self.sharded:
-            device = self.params[0].device if self.params else "cpu"
-            stats = _all_reduced(dataclasses.replace(stats, nonfinite=0), device)
-            stats.nonfinite = nonfinite  # already the sum over the ranks
+            stats = _all_reduced(stats, self.params)
+        stats.nonfinite = nonfinite  # already the sum over the ranks
         stats.max_move = _max_over_ranks(top, self.sharded, self.params)
         return stats
 
@@ -262,14 +262,10 @@ def _max_over_ranks(x: float, sharded: bool, params) -> float:
     return _reduced([x], "max", params)[0] if sharded else x
 
 
-def _all_reduced(stats: PerturbStats, device) -> PerturbStats:
+def _all_reduced(stats: PerturbStats, params) -> PerturbStats:
     """The counts and sums added over the ranks (each perturbed its own shards)."""
-    import torch.distributed as dist
-
-    t = torch.tensor([stats.numel, stats.changed, stats.intended_sq, stats.realised_sq, stats.nonfinite],
-                     dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    numel, changed, intended_sq, realised_sq, nonfinite = t.tolist()
+    numel, changed, intended_sq, realised_sq, nonfinite = _reduced(
+        [stats.numel, stats.changed, stats.intended_sq, stats.realised_sq, stats.nonfinite], "sum", params)
     return PerturbStats(int(numel), int(changed), intended_sq, realised_sq, int(nonfinite))
 
 

@@ -164,20 +164,29 @@ def metarm_grads(model, meta: MetaStep, pair_batches, meta_batch, *, center_coef
 
 
 @torch.no_grad()
-def _sq_sums(a: list[torch.Tensor], b: list[torch.Tensor], info) -> tuple[float, float, float]:
-    """(sum a.b, sum a.a, sum b.b) in float64 over every rank's tensors (FSDP2: this rank's shards)."""
+def dot_products(a: list[torch.Tensor], b: list[torch.Tensor], info=None) -> tuple[float, float, float, float]:
+    """(a.b, a.a, b.b, |a - b|^2) summed in float64 over the tensors of two lists, one tensor at a time
+    (FSDP2: this rank's shards, then summed over the ranks). The difference is taken per element, not
+    as a.a - 2 a.b + b.b, which cancels when a and b nearly agree."""
     def local(t):
         return t.to_local() if hasattr(t, "to_local") else t
 
-    dot = aa = bb = 0.0
+    dot = aa = bb = dd = 0.0
     for x, y in zip(a, b):
-        x, y = local(x).double(), local(y).double()
-        dot += float((x * y).sum())
-        aa += float((x * x).sum())
-        bb += float((y * y).sum())
+        x, y = local(x).double().flatten(), local(y).double().flatten()
+        d = x - y
+        dot, aa, bb, dd = dot + float(x @ y), aa + float(x @ x), bb + float(y @ y), dd + float(d @ d)
     if info is not None and info.distributed and any(hasattr(t, "to_local") for t in a):
-        dot, aa, bb = sum_over_ranks([dot, aa, bb], info)
-    return dot, aa, bb
+        dot, aa, bb, dd = sum_over_ranks([dot, aa, bb, dd], info)
+    return dot, aa, bb, dd
+
+
+def gradient_readings(g_prime: list[torch.Tensor], g0: list[torch.Tensor], info=None) -> dict:
+    """How far grad L(theta') = ``g_prime`` is from grad L(theta) = ``g0``: ``meta_grad_rel_change`` =
+    ||g_prime - g0|| / ||g0|| and ``meta_grad_cosine`` between the two."""
+    dot, pp, oo, dd = dot_products(g_prime, g0, info)
+    return {"meta_grad_rel_change": dd ** 0.5 / max(oo ** 0.5, 1e-30),
+            "meta_grad_cosine": dot / max((pp * oo) ** 0.5, 1e-30)}
 
 
 class Replayable:
@@ -206,8 +215,7 @@ class Replayable:
 
 def gradient_change(params, l_pass_fn, info=None) -> dict:
     """With grad L(theta') in the .grad buffers and the weights back at theta: run ``l_pass_fn`` once
-    more at theta, and return how much the meta step changed the update, ``meta_grad_rel_change`` =
-    ||grad L(theta') - grad L(theta)|| / ||grad L(theta)|| and ``meta_grad_cosine`` between the two.
+    more at theta, and return how much the meta step changed the update (``gradient_readings``).
     The .grad buffers hold grad L(theta') again on return. Costs one more L forward/backward and one
     gradient-sized copy. With dropout, ``l_pass_fn`` must draw the masks of the pass at theta'
     (``Replayable.again``): else the reading is mostly the masks' difference."""
@@ -215,11 +223,7 @@ def gradient_change(params, l_pass_fn, info=None) -> dict:
     for p in params:
         p.grad.zero_()
     l_pass_fn()
-    g0 = [p.grad.detach() for p in params]
-    dot, pp, oo = _sq_sums(g_prime, g0, info)
-    diff_sq = max(pp - 2 * dot + oo, 0.0)
-    out = {"meta_grad_rel_change": (diff_sq ** 0.5) / max(oo ** 0.5, 1e-30),
-           "meta_grad_cosine": dot / max((pp * oo) ** 0.5, 1e-30)}
+    out = gradient_readings(g_prime, [p.grad.detach() for p in params], info)
     with torch.no_grad():
         for p, g in zip(params, g_prime):
             p.grad.copy_(g)

@@ -129,14 +129,13 @@ class RewardTrainer:
             if meta is not None:
                 diagnose = bool(cfg.meta_diagnostic_every) and (self.step + 1) % cfg.meta_diagnostic_every == 0
                 # the diagnostic's pass at theta draws the dropout masks of the pass at theta'
-                l_pass_at = Replayable(l_pass_fn, self.dist.device)
+                replay = Replayable(l_pass_fn, self.dist.device) if diagnose else None
                 m, stats = metarm_grads(self.model, self.meta, batches, meta, second_order=cfg.second_order,
                                         info=self.dist, global_groups=global_groups,
-                                        l_pass_fn=l_pass_at.first if diagnose else l_pass_fn,
-                                        measure_move=diagnose)
+                                        l_pass_fn=replay.first if replay else l_pass_fn, measure_move=diagnose)
                 self._warn_if_rounded(stats)
-                if diagnose:
-                    m.update(gradient_change(self.weights.params, l_pass_at.again, self.dist))
+                if replay:
+                    m.update(gradient_change(self.weights.params, replay.again, self.dist))
             else:
                 m = l_pass_fn()
         except NonFiniteLoss as e:
