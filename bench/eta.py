@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 
+from metarm_fast.config import META_DIRECTIONS
+
 
 def final_summary(out: str) -> dict | None:
     path = os.path.join(out, "metrics.jsonl")
@@ -43,7 +45,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--etas", default="0,1e-3,1e-2,1e-1")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--runs", default="runs/eta")
-    ap.add_argument("--meta-direction", default="sgd", choices=("sgd", "adam", "optimizer-step"),
+    ap.add_argument("--meta-direction", default="sgd", choices=META_DIRECTIONS,
                     help="the meta step's direction (the trainer's --meta-direction)")
     ap.add_argument("--extra", default="", help="more flags for every run, e.g. '--max-steps 50'")
     a = ap.parse_args(argv)

@@ -56,7 +56,7 @@ import torch
 from bench.shift import environment as shift_environment
 from bench.shift import git_commit
 from bench.shift_stats import bootstrap_mean, fmt
-from metarm_fast.config import TrainConfig
+from metarm_fast.config import META_DIRECTIONS, TrainConfig
 from metarm_fast.kernels import bt_loss_reference
 from metarm_fast.meta_step import MetaStep
 from metarm_fast.second_order import hessian_vector_products
@@ -180,7 +180,7 @@ def run(task: Task, seed: int, precision: str, a, work: str, threads: int, log) 
 def summarise(rows: list[dict]) -> tuple[list[dict], str]:
     """Per (task, precision, direction, eta): each reading's per-seed median, then mean [95% CI] over seeds."""
     keys = sorted({(r["task"], r["precision"], r["direction"], r["eta_multiple"]) for r in rows},
-                  key=lambda k: (TASK_ORDER.index(k[0]), k[1] != "fp32", ["sgd", "adam", "optimizer-step"].index(k[2]), k[3]))
+                  key=lambda k: (TASK_ORDER.index(k[0]), k[1] != "fp32", META_DIRECTIONS.index(k[2]), k[3]))
     summary, lines = [], ["| task | precision | direction | eta | " + " | ".join(h for _, h in READINGS) + " |",
                           "| --- | --- | --- | --- |" + " --- |" * len(READINGS)]
     for k in keys:
@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default=None, help="HH-RLHF jsonl(.gz), for the hh task")
     ap.add_argument("--model", default=None, help="the all-MiniLM-L6-v2 folder, for the hh task")
     ap.add_argument("--seeds", default=None, help="default 0,1,2 (--quick: 0)")
-    ap.add_argument("--directions", default="sgd,adam,optimizer-step")
+    ap.add_argument("--directions", default=",".join(META_DIRECTIONS))
     ap.add_argument("--eta-multiples", default="1,10", help="eta as multiples of the task's lr")
     ap.add_argument("--precisions", default="fp32,bf16-master")
     ap.add_argument("--batches", type=int, default=2, help="probe batches at each probed step")

@@ -77,7 +77,7 @@ import torch
 from bench.shift_optimise import RewardScorer, best_of_n_curve, mean_group_gap, policy_gradient, true_reward
 from bench.shift_plot import save_figure
 from bench.shift_stats import RESAMPLES, readings_table, summarise, table
-from metarm_fast.config import TINY_MODEL, TrainConfig
+from metarm_fast.config import META_DIRECTIONS, TINY_MODEL, TrainConfig
 from metarm_fast.synthetic import SyntheticTask
 from metarm_fast.synthetic_policy import WordPolicy, policy_groups, policy_pairs, prompt_mask, sample_prompts
 from metarm_fast.threads import set_threads
@@ -90,7 +90,7 @@ class Settings:
     rounds: int = 3
     lr: float = 1e-3  # the tiny model's default learning rate; eta is given as a multiple of it
     eta_multiples: tuple = (1.0, 10.0)
-    meta_directions: tuple = ("sgd", "adam", "optimizer-step")  # --meta-directions: the MetaRM chains' d, each at every eta
+    meta_directions: tuple = META_DIRECTIONS  # --meta-directions: the MetaRM chains' d, each at every eta
     meta_diagnostic_every: int = 8  # the trainer's diagnostic, on MetaRM chains (0: off)
     train_pairs: int = 2048  # labelled base-policy pairs, the same every round
     rm_steps_first: int = 256  # round 0: 2 epochs of 16 pairs a step

@@ -17,6 +17,8 @@ TINY_MODEL = "tiny-llama"
 SYNTHETIC = "synthetic"
 
 
+META_DIRECTIONS = ("sgd", "adam", "optimizer-step")  # --meta-direction (metarm_fast.meta_step says what each does)
+
 def _f(default: Any, doc: str, choices: tuple | None = None):
     return field(default=default, metadata={"doc": doc, "choices": choices})
 
@@ -78,7 +80,7 @@ class TrainConfig:
     eta: float | None = _f(None, "meta step size (gradient ascent on J); default: equal to lr, as in the paper")
     meta_batch_size: int = _f(8, "prompts (each with its k responses) per meta batch, in all: with torchrun, split across the ranks")
     meta_k: int = _f(5, "responses per prompt of the synthetic meta set")
-    meta_direction: str = _f("sgd", "sgd: theta + eta * grad J (the paper's formula); adam: grad J preconditioned by AdamW's second moments (|move| <= eta); optimizer-step: one step of the run's optimizer on -J at the scheduled lr times eta/lr, weights restored from a copy, the optimizer keeping its state (the DeepSpeed reading of the authors' code)", ("sgd", "adam", "optimizer-step"))
+    meta_direction: str = _f("sgd", "sgd: theta + eta * grad J (the paper's formula); adam: grad J preconditioned by AdamW's second moments (|move| <= eta); optimizer-step: one step of the run's optimizer on -J at the scheduled lr times eta/lr, weights restored from a copy, the optimizer keeping its state (the DeepSpeed reading of the authors' code)", META_DIRECTIONS)
     second_order: bool = _f(False, "add eta * Hessian(J) @ grad L: the exact meta-gradient (one extra forward + double backward)")
     on_nonfinite: str = _f("skip", "a non-finite J or L: skip the step with a warning, or stop", ("skip", "stop"))
     # -- output ---------------------------------------------------------------------------------

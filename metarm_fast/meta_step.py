@@ -48,9 +48,8 @@ from contextlib import contextmanager
 
 import torch
 
+from metarm_fast.config import META_DIRECTIONS
 from metarm_fast.kernels import Perturbation, PerturbStats, perturb_, perturb_direction
-
-DIRECTIONS = ("sgd", "adam", "optimizer-step")
 
 
 class MetaStep:
@@ -63,8 +62,8 @@ class MetaStep:
     docstring for what it leaves in the optimizer's state)."""
 
     def __init__(self, weights, *, eta: float, direction: str = "sgd", optimizer=None, max_grad_norm: float = 0.0):
-        if direction not in DIRECTIONS:
-            raise ValueError(f"MetaStep: direction {direction!r} is not one of {', '.join(DIRECTIONS)}")
+        if direction not in META_DIRECTIONS:
+            raise ValueError(f"MetaStep: direction {direction!r} is not one of {', '.join(META_DIRECTIONS)}")
         if direction != "sgd" and optimizer is None:
             raise ValueError(f"MetaStep: the {direction} direction needs the optimizer")
         self.weights = weights
